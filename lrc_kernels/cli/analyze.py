@@ -1,0 +1,129 @@
+"""Run a local Hugging Face MoE model over a text and record the experts every token is routed to."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+from typing import Optional
+
+import torch
+
+from .report import Routing, UsageError
+
+DATA_DIR = pathlib.Path(__file__).resolve().parent.parent / "data"
+DEFAULT_MODEL_DIR = DATA_DIR / "tiny_moe"
+SAMPLE_TEXT = DATA_DIR / "sample.txt"
+
+
+def resolve_model_dir(model: str) -> pathlib.Path:
+    """``"default"`` is the tiny MoE shipped in ``lrc_kernels/data``; anything else is a local directory."""
+    if model == "default":
+        return DEFAULT_MODEL_DIR
+    path = pathlib.Path(model)
+    if not path.is_dir():
+        raise UsageError(f"MODEL {model!r} is not a local model directory (the Hugging Face hub is not used; "
+                         f"pass 'default' or a directory with config.json)")
+    if not (path / "config.json").is_file():
+        raise UsageError(f"{path}: no config.json, not a Hugging Face model directory")
+    return path
+
+
+def check_device(device: str) -> torch.device:
+    """A torch device that exists on this machine."""
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise UsageError(f"--device {device!r}: {str(error).splitlines()[0]}")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device!r}: CUDA is not available on this machine")
+    return resolved
+
+
+def load_model(model_dir: pathlib.Path, device: str):
+    """Model (eval mode, on ``device``) and tokenizer from a local directory, never the network."""
+    device = check_device(device)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        model, loading = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True,
+                                                              output_loading_info=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise UsageError(f"{model_dir}: cannot load the model: {str(error).splitlines()[0]}")
+    if loading.get("missing_keys"):
+        # Randomly initialised routers would be measured silently otherwise (warnings are muted above).
+        missing = sorted(loading["missing_keys"])
+        raise UsageError(f"{model_dir}: {len(missing)} weights missing from the checkpoint (e.g. {missing[0]}); "
+                         "it does not match this transformers version's model class")
+    return model.to(device).eval(), tokenizer
+
+
+def tokenize_text(tokenizer, text_path: pathlib.Path, seq_len: int, max_tokens: Optional[int]) -> torch.Tensor:
+    """The text's tokens cut into ``[S, seq_len]`` chunks (int64); a last partial chunk is dropped."""
+    try:
+        text = text_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{text_path}: no such file")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"{text_path}: cannot read as UTF-8 text: {error}")
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    num_seqs = len(ids) // seq_len
+    if num_seqs == 0:
+        raise UsageError(f"{text_path}: {len(ids)} tokens (after --max-tokens), fewer than --seq-len {seq_len}")
+    return torch.tensor(ids[: num_seqs * seq_len], dtype=torch.int64).view(num_seqs, seq_len)
+
+
+def _progress(total: int, enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="batches", unit="batch", file=sys.stderr, disable=not enabled, leave=False)
+
+
+def record_routing(model, input_ids: torch.Tensor, batch_size: int, *, stage: Optional[str] = None,
+                   progress: bool = True) -> Routing:
+    """Run ``model`` over ``input_ids [S, T]`` in batches and stack the recorded top-k of one stack's routers.
+
+    Returns:
+        :class:`Routing` with ``topk`` int64 ``[n_layers, S, T, k]``, layers ordered by ``RouterSite.layer``.
+    """
+    from lrc_kernels.hf.recorder import RoutingRecorder
+
+    device = next(model.parameters()).device
+    per_site: dict = {}
+    sites = None
+    bar = _progress((input_ids.shape[0] + batch_size - 1) // batch_size, progress)
+    with torch.no_grad():
+        for start in range(0, input_ids.shape[0], batch_size):
+            with RoutingRecorder(model) as recorder:
+                model(input_ids=input_ids[start:start + batch_size].to(device))
+                for name, topk in recorder.routing().items():
+                    per_site.setdefault(name, []).append(topk.to("cpu", torch.int64))
+                sites = recorder.sites
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    if not sites:
+        raise UsageError("the model has no router the recorder recognises (is it a Mixture-of-Experts model?)")
+    stages = sorted({str(site.stage) for site in sites})
+    if stage is None and len(stages) > 1:
+        raise UsageError(f"the routers span the stacks {stages}; choose one with --stage")
+    chosen = [site for site in sites if stage is None or str(site.stage) == stage]
+    if not chosen:
+        raise UsageError(f"--stage {stage!r}: no router in that stack (stacks: {stages})")
+    chosen = sorted((site for site in chosen if site.name in per_site), key=lambda site: site.layer)
+    layer_topk = [torch.cat(per_site[site.name]) for site in chosen]
+    shapes = {(site.num_experts, topk.shape[-1]) for site, topk in zip(chosen, layer_topk)}
+    if len(shapes) != 1:
+        raise UsageError(f"the layers have different (num_experts, top_k): {sorted(shapes)}; "
+                         "a model-level stream needs equal values")
+    topk = torch.stack(layer_topk)
+    return Routing(topk=topk, num_experts=chosen[0].num_experts, layers=[site.layer for site in chosen],
+                   names=[site.name for site in chosen])

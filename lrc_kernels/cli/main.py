@@ -1,0 +1,177 @@
+"""lrc-kernels: local routing consistency reports of MoE models and of saved routing traces (docs/cli.md)."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+from typing import Optional, Sequence
+
+from lrc_kernels.bootstrap import bootstrap_indices
+
+from .report import UsageError, compute_report, summary_table, write_results
+
+PROG = "lrc-kernels"
+DEFAULT_SEG_LENS = (4, 16, 64)
+DEMO_SETTINGS = {"seq_len": 256, "max_tokens": 16384, "batch_size": 16, "num_bootstrap": 200}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _add_report_options(parser: argparse.ArgumentParser, *, num_bootstrap: int = 200) -> None:
+    parser.add_argument("--seg-lens", type=_positive_int, nargs="+", default=list(DEFAULT_SEG_LENS), metavar="L",
+                        help="segment lengths L for SRP, SCH look-ahead and coverage (default: %(default)s)")
+    parser.add_argument("--num-bootstrap", type=_non_negative_int, default=num_bootstrap, metavar="B",
+                        help="bootstrap replicates over sequences for the CIs, 0 = none (default: %(default)s)")
+    parser.add_argument("--confidence", type=float, default=0.95, help="CI level (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap weights (default: %(default)s)")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("lrc_report"), metavar="DIR",
+                        help="output directory (default: %(default)s)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seq-len", type=_positive_int, default=256, metavar="T",
+                        help="tokens per sequence (default: %(default)s)")
+    parser.add_argument("--max-tokens", type=_positive_int, default=None, metavar="N",
+                        help="use only the first N tokens of the text (default: all)")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, metavar="B",
+                        help="sequences per forward pass (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="torch device for the model (default: %(default)s)")
+    parser.add_argument("--stage", default=None,
+                        help="stack to analyse when the routers span several (e.g. encoder, decoder)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    analyze = commands.add_parser("analyze", help="run a local Hugging Face MoE model over a text",
+                                  description="Run a MoE model over a text, record its routing and report "
+                                              "SRP, cache hit-rate curves and segment coverage.")
+    analyze.add_argument("model", metavar="MODEL", help="local model directory, or 'default' for the built-in tiny MoE")
+    analyze.add_argument("--text", type=pathlib.Path, required=True, metavar="FILE", help="UTF-8 text file")
+    _add_model_options(analyze)
+    _add_report_options(analyze)
+
+    trace = commands.add_parser("trace", help="report on saved routing (.npz, .safetensors, .pt, .jsonl)",
+                                description="Report on saved routing; formats in docs/formats.md.")
+    trace.add_argument("file", type=pathlib.Path, metavar="FILE", help="routing trace file")
+    trace.add_argument("--num-experts", type=_positive_int, required=True, metavar="E",
+                       help="routed experts per layer; ids must lie in [-1, E)")
+    _add_report_options(trace)
+
+    demo = commands.add_parser("demo", help="analyze the built-in tiny MoE on its shipped sample text",
+                               description="Same as 'analyze default --text <shipped sample>' with small settings "
+                                           f"({', '.join(f'{k}={v}' for k, v in DEMO_SETTINGS.items())}).")
+    demo.add_argument("--out", type=pathlib.Path, default=pathlib.Path("lrc_demo"), metavar="DIR",
+                      help="output directory (default: %(default)s)")
+    demo.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+    return parser
+
+
+def _run_report(routing, args, meta: dict, started: float) -> int:
+    from lrc_kernels import __version__
+
+    results = compute_report(routing, args.seg_lens, num_bootstrap=args.num_bootstrap,
+                             confidence=args.confidence, seed=args.seed)
+    top_k = routing.topk.shape[-1]
+    meta.update({
+        "lrc_kernels": __version__,
+        "num_layers": routing.topk.shape[0],
+        "num_sequences": routing.topk.shape[1],
+        "seq_len": routing.topk.shape[2],
+        "references": int((routing.topk >= 0).sum()),
+        "num_experts": routing.num_experts,
+        "top_k": top_k,
+        "layer_names": routing.names,
+        "seg_lens": list(args.seg_lens),
+        "num_bootstrap": args.num_bootstrap,
+        "confidence": args.confidence,
+        "seed": args.seed,
+        "seconds": round(time.perf_counter() - started, 2),
+    })
+    results["meta"] = meta
+    paths = write_results(results, args.out)
+    if not args.no_plots:
+        from .plots import write_plots
+
+        paths += write_plots(results, top_k, args.out, meta.get("title", ""))
+    if not args.quiet:
+        print(summary_table(results, top_k))
+        print(f"wrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def _analyze(args, started: float) -> int:
+    from .analyze import load_model, record_routing, resolve_model_dir, tokenize_text
+
+    model_dir = resolve_model_dir(args.model)
+    if not args.text.is_file():
+        raise UsageError(f"{args.text}: no such file")
+    model, tokenizer = load_model(model_dir, args.device)
+    input_ids = tokenize_text(tokenizer, args.text, args.seq_len, args.max_tokens)
+    routing = record_routing(model, input_ids, args.batch_size, stage=args.stage, progress=not args.quiet)
+    meta = {"command": "analyze", "model": str(model_dir), "model_type": model.config.model_type,
+            "text": str(args.text), "tokens": int(input_ids.numel()), "title": f"{model_dir.name} on {args.text.name}"}
+    return _run_report(routing, args, meta, started)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``lrc-kernels`` console script; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_request:  # argparse exits on --help and on usage errors
+        return int(exit_request.code or 0)
+    started = time.perf_counter()
+    try:
+        if args.command == "demo":
+            from .analyze import SAMPLE_TEXT
+
+            args.model, args.text, args.device, args.stage = "default", SAMPLE_TEXT, "cpu", None
+            args.seg_lens, args.confidence, args.seed = list(DEFAULT_SEG_LENS), 0.95, 0
+            for name, value in DEMO_SETTINGS.items():
+                setattr(args, name, value)
+            args.command = "analyze"
+        args.seg_lens = sorted(set(args.seg_lens))
+        if args.num_bootstrap > 0:  # fail before the model runs, not after
+            bootstrap_indices(args.num_bootstrap, args.confidence)
+        if args.command == "analyze":
+            return _analyze(args, started)
+        from .trace import load_trace
+
+        routing = load_trace(args.file, args.num_experts)
+        meta = {"command": "trace", "trace": str(args.file), "title": args.file.name}
+        if routing.lengths is not None:
+            meta["lengths"] = routing.lengths.tolist()
+        return _run_report(routing, args, meta, started)
+    except (UsageError, ValueError, TypeError, OSError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Fast CPU backends: numba loops over sequences, one module per metric family."""

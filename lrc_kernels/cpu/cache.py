@@ -1,0 +1,172 @@
+"""CPU backend for cache hit counts at every cache size at once (SPEC section 4).
+
+SCH, LRU, LFU and Belady are stack algorithms (Mattson et al., 1970): their keys do not depend on the cache
+size, so one priority stack ``P`` of the distinct experts seen so far holds every cache at once (``P[:m]`` is
+the content of the size-``m`` cache). Each reference ``x`` is pushed down: ``x`` goes on top and a carry walks
+down to ``x``'s old depth only, keeping the higher-key element at each position. A reference found at depth
+``d`` is a hit for every ``m > d``, so one histogram of depths gives the hits of all sizes.
+
+Every key is stored next to its expert in the stack (``stack_key``) and updated in place through a position
+index, so a push-down is one contiguous walk of ``d`` comparisons and the per-reference work is O(d + 1),
+however deep the stack is (model level has ``n·E`` slots). Pair keys ``(a, τ)`` pack into one int64 as
+``a·2^32 + τ``, which is exact while a sequence holds fewer than 2^31 slots.
+
+Inputs are validated by the public API layer (CONTRACT.md): ``topk`` is int32, contiguous, ``[S, T, k]``
+with ids in ``[-1, E)`` and no repeated valid id in a row; ``lengths`` is int64 ``[S]`` with values in
+``[0, T]``. All options are runtime arguments of one kernel, which therefore compiles exactly one signature.
+"""
+
+import numba
+import numpy as np
+import torch
+
+_LRU, _LFU, _BELADY, _SCH = 0, 1, 2, 3
+_POLICY_CODES = {"lru": _LRU, "lfu": _LFU, "belady": _BELADY, "sch": _SCH}
+_PAIR_SHIFT = 1 << 32
+
+
+@numba.njit(cache=True)
+def _depth_histogram_hits(topk, lengths, num_experts, policy, seg_len, free_slot_hits, sequential, hits):
+    num_sequences, _, num_slots = topk.shape
+    stack = np.zeros(num_experts, np.int64)
+    stack_key = np.zeros(num_experts, np.int64)
+    pos = np.empty(num_experts, np.int64)
+    # f (LFU: references so far) or F (SCH: references still ahead inside the look-ahead window)
+    count = np.empty(num_experts, np.int64)
+    at_depth = np.empty(num_experts, np.int64)
+    row_depth = np.empty(num_slots, np.int64)
+    max_refs = topk.shape[1] * num_slots
+    next_use = np.empty(max_refs if policy == _BELADY else 0, np.int64)
+    upcoming = np.empty(num_experts if policy == _BELADY else 0, np.int64)
+    for s in range(num_sequences):
+        num_tokens = lengths[s]
+        pos[:] = -1
+        count[:] = 0
+        at_depth[:] = 0
+        depth_of_new = 0  # |P|
+        if policy == _BELADY:
+            num_refs = 0
+            for t in range(num_tokens):
+                for j in range(num_slots):
+                    if topk[s, t, j] >= 0:
+                        num_refs += 1
+            for e in range(num_experts):
+                upcoming[e] = num_refs + 1 + e
+            n = num_refs
+            for t in range(num_tokens - 1, -1, -1):
+                for j in range(num_slots - 1, -1, -1):
+                    x = topk[s, t, j]
+                    if x >= 0:
+                        n -= 1
+                        next_use[n] = upcoming[x]
+                        upcoming[x] = n
+        elif policy == _SCH:
+            for t in range(min(seg_len, num_tokens)):
+                for j in range(num_slots):
+                    x = topk[s, t, j]
+                    if x >= 0:
+                        count[x] += 1
+
+        n = 0
+        for i in range(num_tokens):
+            if not sequential:
+                # token lookup: depths in the stack as it was at token start; first references of the row
+                # take consecutive free slots (the free-slot rule)
+                first_refs = 0
+                for j in range(num_slots):
+                    x = topk[s, i, j]
+                    if x >= 0:
+                        if pos[x] >= 0:
+                            row_depth[j] = pos[x]
+                        else:
+                            row_depth[j] = depth_of_new + first_refs
+                            first_refs += 1
+            for j in range(num_slots):
+                x = topk[s, i, j]
+                if x < 0:
+                    continue
+                depth = pos[x]
+                seen = depth >= 0
+                if not seen:
+                    depth = depth_of_new
+                    depth_of_new += 1
+                if seen or free_slot_hits:
+                    if sequential:
+                        at_depth[depth] += 1
+                    else:
+                        at_depth[row_depth[j]] += 1
+                if depth > 0:
+                    carry = stack[0]
+                    carry_key = stack_key[0]
+                    for q in range(1, depth):
+                        key = stack_key[q]
+                        if key < carry_key:
+                            lower = stack[q]
+                            stack[q] = carry
+                            stack_key[q] = carry_key
+                            pos[carry] = q
+                            carry = lower
+                            carry_key = key
+                    stack[depth] = carry
+                    stack_key[depth] = carry_key
+                    pos[carry] = depth
+                stack[0] = x
+                pos[x] = 0
+                if policy == _LRU:
+                    stack_key[0] = n
+                elif policy == _LFU:
+                    count[x] += 1
+                    stack_key[0] = count[x] * _PAIR_SHIFT + n
+                elif policy == _BELADY:
+                    stack_key[0] = -next_use[n]
+                else:
+                    count[x] -= 1
+                    stack_key[0] = count[x] * _PAIR_SHIFT + n
+                n += 1
+            if policy == _SCH and i + seg_len < num_tokens:
+                for j in range(num_slots):
+                    y = topk[s, i + seg_len, j]
+                    if y >= 0:
+                        count[y] += 1
+                        if pos[y] >= 0:
+                            stack_key[pos[y]] += _PAIR_SHIFT
+        total = 0
+        for d in range(num_experts):
+            total += at_depth[d]
+            hits[s, d] = total
+
+
+def cache_hits(topk, lengths, num_experts, policy, seg_len, free_slot_hits, lookup):
+    """Hits of every cache size ``m = 1..num_experts`` for every sequence, in one pass per sequence.
+
+    Args:
+        topk: int32 ``[S, T, k]``, contiguous; ids in ``[-1, num_experts)``, ``-1`` = no expert.
+        lengths: int64 ``[S]``; sequence ``s`` uses tokens ``0..lengths[s]-1``.
+        num_experts: number of cache slots ``E`` (``n·E`` at model level).
+        policy: ``"sch"``, ``"lru"``, ``"lfu"`` or ``"belady"``.
+        seg_len: SCH look-ahead ``L`` (int) for ``"sch"``, ``None`` otherwise.
+        free_slot_hits: whether first references that find a free slot count as hits.
+        lookup: ``"token"`` (classify at token start) or ``"sequential"``.
+
+    Returns:
+        int64 ``[S, num_experts]``; entry ``[s, m-1]`` is the hits of the size-``m`` cache.
+    """
+    num_sequences, num_tokens, num_slots = topk.shape
+    if num_tokens * num_slots >= 1 << 31:
+        raise ValueError(
+            f"topk: the CPU cache backend needs T·k < 2^31 slots per sequence, got T·k = {num_tokens * num_slots}"
+        )
+    # the look-ahead never reaches past T, so clipping L keeps i + L from overflowing int64
+    look_ahead = min(seg_len, num_tokens + 1) if policy == "sch" else 0
+    hits = np.zeros((num_sequences, num_experts), np.int64)
+    _depth_histogram_hits(
+        np.ascontiguousarray(topk.numpy()),
+        np.ascontiguousarray(lengths.numpy()),
+        num_experts,
+        _POLICY_CODES[policy],
+        look_ahead,
+        bool(free_slot_hits),
+        lookup == "sequential",
+        hits,
+    )
+    return torch.from_numpy(hits)

@@ -1,0 +1,154 @@
+"""CPU backend for SRP count histograms and static segment coverage (SPEC sections 2 and 5).
+
+Both metrics are functions of the stride-1 window counts ``C[s, w, e]``. Instead of materialising them, each
+sequence is swept once: the window slides one token at a time, which changes at most ``2k`` counts, and a
+quantity that changes at window ``w`` is credited with the number of windows it held its old value
+(``w - since``). Work per sequence is O(T_s·k + E + L) beyond zeroing the output; extra memory is O(E + L).
+
+Inputs are validated by the public API layer (CONTRACT.md): ``topk`` is int32, contiguous, ``[S, T, k]``
+with ids in ``[-1, E)`` and no repeated valid id in a row; ``lengths`` is int64 ``[S]`` with values in
+``[0, T]``. Arrays cross into numba through ``Tensor.numpy()`` without copies; the dtypes are fixed so each
+kernel compiles exactly one signature.
+"""
+
+import numba
+import numpy as np
+import torch
+
+
+@numba.njit(cache=True)
+def _srp_histograms(topk, lengths, seg_len, histograms):
+    num_sequences, _, num_slots = topk.shape
+    num_experts = histograms.shape[1]
+    count = np.zeros(num_experts, np.int64)
+    # window index from which each expert has held its current count
+    since = np.zeros(num_experts, np.int64)
+    for s in range(num_sequences):
+        num_windows = lengths[s] - seg_len + 1
+        if num_windows <= 0:
+            continue
+        count[:] = 0
+        since[:] = 0
+        for t in range(seg_len):
+            for j in range(num_slots):
+                e = topk[s, t, j]
+                if e >= 0:
+                    count[e] += 1
+        for w in range(1, num_windows):
+            for j in range(num_slots):
+                e = topk[s, w - 1, j]
+                if e >= 0:
+                    histograms[s, e, count[e]] += w - since[e]
+                    since[e] = w
+                    count[e] -= 1
+            for j in range(num_slots):
+                e = topk[s, w + seg_len - 1, j]
+                if e >= 0:
+                    histograms[s, e, count[e]] += w - since[e]
+                    since[e] = w
+                    count[e] += 1
+        for e in range(num_experts):
+            histograms[s, e, count[e]] += num_windows - since[e]
+
+
+@numba.njit(cache=True)
+def _coverage(topk, lengths, seg_len, coverage):
+    # The sum of the m largest counts of a window equals sum_{c=1..L} min(n_c, m), where n_c is the number
+    # of experts with count >= c. So cov[m-1] = sum_{j<m} #{(w, c) : n_c(w) > j}, which only needs
+    # windows_with[v] = #{(w, c) : n_c(w) = v}. A count moving a -> a+1 raises n_{a+1}, a -> a-1 lowers n_a:
+    # one n_c per count change, credited over time like the SRP histograms.
+    num_sequences, _, num_slots = topk.shape
+    num_experts = coverage.shape[1]
+    count = np.zeros(num_experts, np.int64)
+    experts_at_least = np.zeros(seg_len + 1, np.int64)
+    since = np.zeros(seg_len + 1, np.int64)
+    windows_with = np.zeros(num_experts + 1, np.int64)
+    for s in range(num_sequences):
+        num_windows = lengths[s] - seg_len + 1
+        if num_windows <= 0:
+            continue
+        count[:] = 0
+        experts_at_least[:] = 0
+        since[:] = 0
+        windows_with[:] = 0
+        for t in range(seg_len):
+            for j in range(num_slots):
+                e = topk[s, t, j]
+                if e >= 0:
+                    count[e] += 1
+                    experts_at_least[count[e]] += 1
+        for w in range(1, num_windows):
+            for j in range(num_slots):
+                e = topk[s, w - 1, j]
+                if e >= 0:
+                    c = count[e]
+                    windows_with[experts_at_least[c]] += w - since[c]
+                    since[c] = w
+                    experts_at_least[c] -= 1
+                    count[e] = c - 1
+            for j in range(num_slots):
+                e = topk[s, w + seg_len - 1, j]
+                if e >= 0:
+                    c = count[e] + 1
+                    windows_with[experts_at_least[c]] += w - since[c]
+                    since[c] = w
+                    experts_at_least[c] += 1
+                    count[e] = c
+        for c in range(1, seg_len + 1):
+            windows_with[experts_at_least[c]] += num_windows - since[c]
+        pairs_above = 0  # #{(w, c) : n_c(w) > m-1}, updated as m grows
+        for v in range(1, num_experts + 1):
+            pairs_above += windows_with[v]
+        total = 0
+        for m in range(1, num_experts + 1):
+            total += pairs_above
+            coverage[s, m - 1] = total
+            pairs_above -= windows_with[m]
+
+
+def srp_counts(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int, seg_len: int) -> torch.Tensor:
+    """Per-sequence, per-expert histograms of window counts.
+
+    Args:
+        topk: int32 ``[S, T, k]``, contiguous, CPU; ids in ``[-1, num_experts)``, -1 = no expert.
+        lengths: int64 ``[S]``, CPU; sequence s uses tokens ``0..lengths[s]-1``.
+        num_experts: E >= 1.
+        seg_len: window length L >= 1.
+
+    Returns:
+        int64 ``[S, E, L+1]``: entry ``[s, e, c]`` is the number of complete windows of sequence s in which
+        expert e occurs in exactly c rows. Each ``[s, e]`` row sums to ``max(lengths[s] - L + 1, 0)``.
+
+    Example:
+        >>> topk = torch.tensor([[[0], [0], [1], [2], [0], [3], [2], [1]]], dtype=torch.int32)
+        >>> srp_counts(topk, torch.tensor([8]), 4, 2)[0].tolist()
+        [[3, 3, 1], [4, 3, 0], [3, 4, 0], [5, 2, 0]]
+    """
+    # np.zeros gets pre-zeroed pages from the OS on demand; for large L most of [S, E, L+1] is never
+    # written, and torch.zeros would spend more time clearing it than the sweep takes.
+    histograms = np.zeros((topk.shape[0], num_experts, seg_len + 1), dtype=np.int64)
+    _srp_histograms(topk.numpy(), lengths.numpy(), seg_len, histograms)
+    return torch.from_numpy(histograms)
+
+
+def segment_coverage(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int, seg_len: int) -> torch.Tensor:
+    """Per-sequence activations covered by each window's m most-used experts, summed over windows.
+
+    Args:
+        topk: int32 ``[S, T, k]``, contiguous, CPU; ids in ``[-1, num_experts)``, -1 = no expert.
+        lengths: int64 ``[S]``, CPU; sequence s uses tokens ``0..lengths[s]-1``.
+        num_experts: E >= 1.
+        seg_len: window length L >= 1.
+
+    Returns:
+        int64 ``[S, E]``: entry ``[s, m-1]`` is the sum over complete windows of sequence s of the m largest
+        window counts; ``[s, E-1]`` is the number of activations in those windows.
+
+    Example:
+        >>> topk = torch.tensor([[[0], [0], [1], [2], [0], [3], [2], [1]]], dtype=torch.int32)
+        >>> segment_coverage(topk, torch.tensor([8]), 4, 2).tolist()
+        [[8, 14, 14, 14]]
+    """
+    coverage = torch.zeros((topk.shape[0], num_experts), dtype=torch.int64)
+    _coverage(topk.numpy(), lengths.numpy(), seg_len, coverage.numpy())
+    return coverage

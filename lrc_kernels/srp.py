@@ -1,0 +1,271 @@
+"""SRP — Segment Routing best Performance — and static segment coverage (SPEC §2, §3, §5, §7).
+
+The data path: ``topk [S, T, k]`` -> per-sequence count histograms ``H [S, E, L+1]`` (a backend kernel)
+-> pooled histograms (sums, with bootstrap weights) -> scores. Histograms are additive sufficient
+statistics: pool them over experts, sequences, layers or datasets by summing, then score once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ._checks import check_choice, check_int, check_int_tensor, check_topk, run_backend
+from .bootstrap import basic_interval, bootstrap_weights, check_bootstrap_options
+
+LEVELS = ("expert", "layer", "model")
+
+
+@dataclass(frozen=True)
+class SRPScore:
+    """Scores of pooled SRP histograms; every field has the shape of the pooled cells (``counts.shape[:-1]``).
+
+    Attributes:
+        best_f1: float64, F1 of the best threshold predictor.
+        threshold: int64, the smallest θ reaching ``best_f1``.
+        best_m: float64, expert slots the best predictor loads per slot actually used (0 without activations).
+        act_r: float64, activation density ``acts / preds(0)``; NaN iff ``support == 0``.
+        support: int64, pooled (window, expert) pairs; 0 flags "no window".
+        ci_low, ci_high: float64 basic-bootstrap bounds of ``best_f1`` (``None`` without bootstrap).
+    """
+
+    best_f1: torch.Tensor
+    threshold: torch.Tensor
+    best_m: torch.Tensor
+    act_r: torch.Tensor
+    support: torch.Tensor
+    ci_low: Optional[torch.Tensor] = None
+    ci_high: Optional[torch.Tensor] = None
+
+    def to_dict(self) -> dict:
+        """Plain Python values (lists or scalars; NaN stays float NaN), ``None`` for absent CIs."""
+        return {f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).tolist())
+                for f in fields(self)}
+
+
+def srp_counts(topk: torch.Tensor, num_experts: int, seg_len: int, *, lengths: Optional[torch.Tensor] = None,
+               backend: str = "auto") -> torch.Tensor:
+    """Window count histograms: ``counts[s, e, c]`` = complete windows of sequence s where e is used c times.
+
+    Args:
+        topk: int ``[S, T, k]`` expert ids (``-1`` = no expert), or ``[T, k]`` for one sequence.
+        num_experts: E, ids lie in ``[0, E)``.
+        seg_len: window length L >= 1.
+        lengths: optional int ``[S]``, valid prefix length of each sequence (default T).
+        backend: ``"auto"`` (Triton for CUDA tensors, CPU path otherwise), ``"cpu"`` or ``"triton"``.
+
+    Returns:
+        int64 ``[S, E, L+1]`` (``[E, L+1]`` for 2-D ``topk``); ``counts[s].sum(-1) == max(T_s - L + 1, 0)``.
+
+    Example (SPEC §8 A):
+        >>> srp_counts(torch.tensor([[0], [0], [1], [2], [0], [3], [2], [1]]), 4, 2)[0].tolist()
+        [3, 3, 1]
+    """
+    ids, lengths, unbatched = check_topk(topk, num_experts, lengths=lengths)
+    seg_len = check_int(seg_len, "seg_len", minimum=1)
+    counts = run_backend("srp", "srp_counts", backend, ids, lengths, num_experts, seg_len)
+    return counts[0] if unbatched else counts
+
+
+def segment_coverage(topk: torch.Tensor, num_experts: int, seg_len: int, *,
+                     lengths: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+    """Static segment coverage counts (SPEC §5): entry m-1 sums, over windows, the m largest expert counts.
+
+    Args:
+        topk: int ``[S, T, k]`` (or ``[T, k]``), ``-1`` = no expert.
+        num_experts, seg_len, lengths, backend: as in :func:`srp_counts`.
+
+    Returns:
+        int64 ``[S, E]`` (``[E]`` for 2-D input); ``cov[s, E-1]`` = activations inside windows.
+        :func:`coverage_ratio` turns it into the coverage curve.
+
+    Example (SPEC §8 A):
+        >>> segment_coverage(torch.tensor([[0], [0], [1], [2], [0], [3], [2], [1]]), 4, 2).tolist()
+        [8, 14, 14, 14]
+    """
+    ids, lengths, unbatched = check_topk(topk, num_experts, lengths=lengths)
+    seg_len = check_int(seg_len, "seg_len", minimum=1)
+    coverage = run_backend("srp", "segment_coverage", backend, ids, lengths, num_experts, seg_len)
+    return coverage[0] if unbatched else coverage
+
+
+def coverage_ratio(coverage: torch.Tensor) -> torch.Tensor:
+    """Coverage curve ``Σ cov[..., m-1] / Σ cov[..., E-1]`` pooled over every leading dimension.
+
+    Args:
+        coverage: int ``[..., E]`` from :func:`segment_coverage`.
+
+    Returns:
+        float64 ``[E]``; all NaN when there is no activation inside any window (SPEC §9).
+    """
+    check_int_tensor(coverage, "coverage")
+    pooled = coverage.reshape(-1, coverage.shape[-1]).sum(0).to(torch.float64)
+    total = pooled[-1] if pooled.numel() else torch.tensor(0.0, dtype=torch.float64)
+    return pooled / total if total > 0 else torch.full_like(pooled, float("nan"))
+
+
+def srp_score(counts: torch.Tensor) -> SRPScore:
+    """Score already-pooled histograms over their last dimension (SPEC §2).
+
+    Args:
+        counts: int ``[..., L+1]``, ``counts[..., c]`` = (weighted) windows with count c; pool cells by summing
+            before scoring, so the whole group shares one threshold.
+
+    Returns:
+        :class:`SRPScore` with fields of shape ``counts.shape[:-1]``.
+
+    Raises:
+        TypeError: a float or non-tensor ``counts``.
+        ValueError: a last dimension < 2 (L >= 1 needs L+1 >= 2 bins) or negative counts.
+
+    Example (SPEC §8 A, layer):
+        >>> s = srp_score(torch.tensor([15, 12, 1])); s.best_f1.item(), s.threshold.item()
+        (0.7, 1)
+    """
+    check_int_tensor(counts, "counts")
+    if counts.ndim < 1 or counts.shape[-1] < 2:
+        raise ValueError(f"counts: expected shape [..., L+1] with L >= 1, received {tuple(counts.shape)}")
+    if bool((counts < 0).any()):
+        raise ValueError("counts: expected non-negative window counts, received a negative entry")
+    hist = counts.to(torch.int64)
+    seg_len = hist.shape[-1] - 1
+    count_values = torch.arange(seg_len + 1, device=hist.device, dtype=torch.int64)
+    matches = hist.mul(count_values).flip(-1).cumsum(-1).flip(-1)      # Σ_{c>=θ} c·H[c]
+    preds = hist.flip(-1).cumsum(-1).flip(-1) * seg_len                 # L·Σ_{c>=θ} H[c]
+    acts = matches[..., :1]
+    f1 = 2 * matches.to(torch.float64) / (preds + acts).clamp_min(1).to(torch.float64)
+    threshold = f1.argmax(dim=-1, keepdim=True) if f1.numel() else torch.zeros_like(acts)
+    best_preds = preds.gather(-1, threshold)
+    acts_f = acts.to(torch.float64)
+    best_m = torch.where(acts > 0, best_preds.to(torch.float64) / acts_f.clamp_min(1), 0.0)
+    support = preds[..., :1] // seg_len
+    act_r = torch.where(support > 0, acts_f / preds[..., :1].clamp_min(1).to(torch.float64), float("nan"))
+    return SRPScore(best_f1=f1.gather(-1, threshold).squeeze(-1), threshold=threshold.squeeze(-1),
+                    best_m=best_m.squeeze(-1), act_r=act_r.squeeze(-1), support=support.squeeze(-1))
+
+
+def _per_sequence_histograms(topk, num_experts: int, seg_len: int, level: str, lengths, backend: str):
+    """Histograms ``[S, E, L+1]`` (expert level) or ``[S, L+1]`` (layer, model), one row per sequence."""
+    if level == "model":
+        if isinstance(topk, (list, tuple)):
+            topk = torch.stack(list(topk))
+        ids, lengths, _ = check_topk(topk, num_experts, batched_rank=4, lengths=lengths)
+        num_layers, num_seqs = ids.shape[0], ids.shape[1]
+        flat = ids.reshape(num_layers * num_seqs, ids.shape[2], ids.shape[3])
+        counts = run_backend("srp", "srp_counts", backend, flat, lengths.repeat(num_layers), num_experts, seg_len)
+        return counts.view(num_layers, num_seqs, num_experts, seg_len + 1).sum(dim=(0, 2))
+    ids, lengths, _ = check_topk(topk, num_experts, lengths=lengths)
+    counts = run_backend("srp", "srp_counts", backend, ids, lengths, num_experts, seg_len)
+    return counts if level == "expert" else counts.sum(dim=1)
+
+
+def weighted_sum(weights: torch.Tensor, per_sequence: torch.Tensor) -> torch.Tensor:
+    """``out[b, ...] = Σ_s weights[s, b] · per_sequence[s, ...]`` for int64 inputs, exactly.
+
+    A float64 matrix product is exact here because every product and partial sum is an integer below
+    2^53, and unlike an int64 product it runs on CUDA as well.
+    """
+    flat = per_sequence.reshape(per_sequence.shape[0], -1).to(torch.float64)
+    pooled = weights.to(device=flat.device, dtype=torch.float64).T @ flat
+    return pooled.round().to(torch.int64).view(weights.shape[1], *per_sequence.shape[1:])
+
+
+def srp(topk: Union[torch.Tensor, Sequence[torch.Tensor]], num_experts: int, seg_len: int, *,
+        level: str = "layer", lengths: Optional[torch.Tensor] = None, num_bootstrap: int = 0,
+        confidence: float = 0.95, generator: Optional[torch.Generator] = None,
+        weights: Optional[torch.Tensor] = None, backend: str = "auto") -> SRPScore:
+    """SRP at expert, layer or model level, optionally with a basic bootstrap CI over sequences.
+
+    Args:
+        topk: int ``[S, T, k]`` (``[T, k]``: one sequence) for levels ``"expert"`` and ``"layer"``;
+            ``[n_layers, S, T, k]`` (or a list of ``[S, T, k]``) for ``"model"``. ``-1`` = no expert.
+        num_experts: E per layer.
+        seg_len: window length L >= 1.
+        level: ``"expert"`` (one score per expert, shape ``[E]``), ``"layer"`` (one score, shape ``[]``) or
+            ``"model"`` (all layers pooled, one shared threshold, shape ``[]``).
+        lengths: optional int ``[S]`` valid prefix lengths (shared by all layers).
+        num_bootstrap: B replicates (0 = no CI); needs ``round(B·(1-confidence)/2) >= 1``.
+        confidence: CI level in (0, 1).
+        generator: torch.Generator for the resampling weights.
+        weights: explicit int ``[S, B]`` weight matrix (shared across calls for paired comparisons).
+        backend: ``"auto"``, ``"cpu"`` or ``"triton"``.
+
+    Returns:
+        :class:`SRPScore`; with bootstrap, ``ci_low``/``ci_high`` bound ``best_f1`` (θ re-optimised per
+        replicate).
+
+    Example (SPEC §8 B):
+        >>> rows = torch.tensor([[0, 1], [2, 0], [3, 2], [1, 3], [2, 1], [3, 0]])
+        >>> srp(rows, 4, 3).best_f1.item() == 12 / 17
+        True
+    """
+    check_choice(level, "level", LEVELS)
+    seg_len = check_int(seg_len, "seg_len", minimum=1)
+    num_bootstrap, confidence = check_bootstrap_options(num_bootstrap, confidence, weights)
+    per_sequence = _per_sequence_histograms(topk, num_experts, seg_len, level, lengths, backend)
+    score = srp_score(per_sequence.sum(0))
+    if num_bootstrap == 0 and weights is None:
+        return score
+    weights = bootstrap_weights(per_sequence.shape[0], num_bootstrap, confidence, generator, weights)
+    replicates = srp_score(weighted_sum(weights, per_sequence)).best_f1.movedim(0, -1)
+    low, high = basic_interval(score.best_f1, replicates, confidence)
+    return SRPScore(score.best_f1, score.threshold, score.best_m, score.act_r, score.support, low, high)
+
+
+def _positionwise_histograms(ids: torch.Tensor, lengths: torch.Tensor, num_experts: int, seg_len: int,
+                             seqs_per_chunk: int = 64) -> torch.Tensor:
+    """``H[p, e, c]`` = sequences whose window starting at p is complete and counts e c times."""
+    num_seqs, num_tokens = ids.shape[0], ids.shape[1]
+    windows = (lengths - seg_len + 1).clamp_min(0)
+    num_positions = int(windows.max()) if num_seqs else 0
+    hist = torch.zeros(num_positions * num_experts * (seg_len + 1), dtype=torch.int64, device=ids.device)
+    if num_positions == 0:
+        return hist.view(0, num_experts, seg_len + 1)
+    positions = torch.arange(num_positions, device=ids.device)
+    experts = torch.arange(num_experts, device=ids.device)
+    for start in range(0, num_seqs, seqs_per_chunk):
+        chunk = ids[start:start + seqs_per_chunk].to(torch.int64)
+        used = torch.zeros(chunk.shape[0], num_tokens + 1, num_experts + 1, dtype=torch.int32, device=ids.device)
+        slot_ids = torch.where(chunk >= 0, chunk, num_experts)  # -1 slots land in a discarded column
+        used[:, 1:].scatter_add_(2, slot_ids, torch.ones_like(slot_ids, dtype=torch.int32))
+        prefix = used[..., :num_experts].cumsum(1)
+        window_counts = (prefix[:, seg_len:seg_len + num_positions] - prefix[:, :num_positions]).to(torch.int64)
+        complete = positions < windows[start:start + seqs_per_chunk, None]                      # [s, P]
+        index = (positions[None, :, None] * num_experts + experts) * (seg_len + 1) + window_counts
+        index = index[complete]
+        hist.index_add_(0, index.reshape(-1), torch.ones(index.numel(), dtype=torch.int64, device=ids.device))
+    return hist.view(num_positions, num_experts, seg_len + 1)
+
+
+def srp_positionwise(topk: Union[torch.Tensor, Sequence[torch.Tensor]], num_experts: int, seg_len: int, *,
+                     level: str = "layer", lengths: Optional[torch.Tensor] = None) -> SRPScore:
+    """SRP for every window start p separately (SPEC §7); no bootstrap.
+
+    Sequences whose window at p is incomplete (``p >= T_s - L + 1``) drop out of position p. Plot the scores
+    against the window centre ``p + L // 2``.
+
+    Args:
+        topk, num_experts, seg_len, level, lengths: as in :func:`srp`.
+
+    Returns:
+        :class:`SRPScore` with a leading dimension P = max over sequences of ``T_s - L + 1`` (0 if none):
+        shape ``[P, E]`` at expert level, ``[P]`` at layer and model level.
+
+    Example (SPEC §8 C):
+        >>> topk = torch.tensor([[[0, 1], [-1, 2], [-1, -1], [0, 2]], [[3, 2], [3, -1], [2, 3], [1, 0]]])
+        >>> srp_positionwise(topk, 4, 2, lengths=torch.tensor([4, 3])).support.tolist()
+        [8, 8, 4]
+    """
+    check_choice(level, "level", LEVELS)
+    seg_len = check_int(seg_len, "seg_len", minimum=1)
+    if level == "model":
+        if isinstance(topk, (list, tuple)):
+            topk = torch.stack(list(topk))
+        ids, lengths, _ = check_topk(topk, num_experts, batched_rank=4, lengths=lengths)
+        hists = [_positionwise_histograms(layer, lengths, num_experts, seg_len) for layer in ids]
+        return srp_score(torch.stack(hists).sum(dim=(0, 2)))
+    ids, lengths, _ = check_topk(topk, num_experts, lengths=lengths)
+    hist = _positionwise_histograms(ids, lengths, num_experts, seg_len)
+    return srp_score(hist if level == "expert" else hist.sum(1))

@@ -1,0 +1,167 @@
+"""RoutingMonitor: streaming state equals direct library calls on the union of the batches (exact integers)."""
+
+import pytest
+import torch
+
+import lrc_kernels as lk
+from lrc_kernels.hf.monitor import RoutingMonitor
+
+E, K, N_LAYERS = 6, 2, 3
+SEG_LENS = (2, 5)
+
+
+def _random_topk(generator, num_seqs, num_tokens, drop=0.1):
+    ids = torch.rand(num_seqs, num_tokens, E, generator=generator).argsort(-1)[..., :K]
+    dropped = torch.rand(num_seqs, num_tokens, K, generator=generator) < drop
+    return torch.where(dropped, -1, ids)
+
+
+def _batches(seed=0):
+    """Three batches of different T, with lengths, for every layer."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for num_seqs, num_tokens in ((3, 9), (2, 14), (4, 4)):
+        routing = {f"layer{q}": _random_topk(generator, num_seqs, num_tokens) for q in range(N_LAYERS)}
+        lengths = torch.randint(0, num_tokens + 1, (num_seqs,), generator=generator)
+        batches.append((routing, lengths))
+    return batches
+
+
+def _union(batches):
+    """Each layer's batches padded with -1 to the longest T and concatenated, plus the joint lengths."""
+    max_tokens = max(r["layer0"].shape[1] for r, _ in batches)
+    layers = []
+    for q in range(N_LAYERS):
+        padded = [torch.nn.functional.pad(r[f"layer{q}"], (0, 0, 0, max_tokens - r[f"layer{q}"].shape[1]),
+                                          value=-1) for r, _ in batches]
+        layers.append(torch.cat(padded))
+    return layers, torch.cat([lengths for _, lengths in batches])
+
+
+def _monitor(**kwargs):
+    return RoutingMonitor(seg_lens=SEG_LENS, cache_sizes_in_k=(1, 2, 4), num_experts=E, **kwargs)
+
+
+def test_state_equals_library_on_union():
+    batches = _batches()
+    monitor = _monitor()
+    for routing, lengths in batches:
+        monitor.update(routing, lengths)
+    layers, lengths = _union(batches)
+    state = monitor.state_dict()["state"]
+
+    for L in SEG_LENS:
+        expected = torch.stack([lk.srp_counts(t, E, L, lengths=lengths).sum(dim=(0, 1)) for t in layers])
+        assert torch.equal(state[f"srp@{L}"], expected)
+    references = torch.stack([((t >= 0) & (torch.arange(t.shape[1]) < lengths[:, None])[..., None]).sum()
+                              for t in layers])
+    assert torch.equal(state["references"], references)
+    stream = lk.concat_layers(layers, E)
+    for name, policy, seg_len in [(f"sch@{L}", "sch", L) for L in SEG_LENS] + [(p, p, None) for p in
+                                                                              ("lru", "lfu", "belady")]:
+        expected = torch.stack([lk.cache_hits(t, E, policy, seg_len=seg_len, lengths=lengths).sum(0)
+                                for t in layers])
+        assert torch.equal(state[f"hits/{name}"], expected)
+        model = lk.cache_hits(stream, N_LAYERS * E, policy, seg_len=seg_len, lengths=lengths).sum(0)
+        assert torch.equal(state[f"model_hits/{name}"], model)
+
+    metrics = monitor.compute()
+    for L in SEG_LENS:
+        hist = state[f"srp@{L}"]
+        assert torch.equal(metrics[f"srp@{L}"], lk.srp_score(hist).best_f1)
+        assert torch.equal(metrics[f"model/srp@{L}"], lk.srp_score(hist.sum(0)).best_f1)
+    # Pooled ratio Σhits/ΣN at m = c·k (layer) and c·n·k (model; c = 4 gives 24 > n·E = 18: omitted).
+    for c in (1, 2):
+        hits = state["hits/lru"][:, c * K - 1]
+        assert torch.equal(metrics[f"hit@{c}k/lru"], hits.double() / references)
+        model_hits = state["model_hits/lru"][c * N_LAYERS * K - 1]
+        assert torch.equal(metrics[f"model/hit@{c}k/lru"], model_hits.double() / references.sum())
+    assert torch.isnan(metrics["hit@4k/lru"]).all()  # m = 8 > E = 6
+    assert "model/hit@4k/lru" not in metrics
+
+
+def test_list_input_matches_dict_input():
+    batches = _batches(1)
+    by_dict, by_list = _monitor(), _monitor()
+    for routing, lengths in batches:
+        by_dict.update(routing, lengths)
+        by_list.update([routing[f"layer{q}"] for q in range(N_LAYERS)], lengths)
+    for key, value in by_dict.state_dict()["state"].items():
+        assert torch.equal(value, by_list.state_dict()["state"][key]), key
+
+
+def test_reset_and_state_dict_round_trip():
+    batches = _batches(2)
+    monitor = _monitor(num_bootstrap=20)
+    monitor.update(*batches[0])
+    saved = monitor.state_dict()
+    monitor.update(*batches[1])
+    continued = monitor.state_dict()["state"]
+
+    restored = _monitor(num_bootstrap=20)
+    restored.load_state_dict(saved)
+    restored.update(*batches[1])  # the restored generator draws the same Poisson weights
+    for key, value in continued.items():
+        assert torch.equal(restored.state_dict()["state"][key], value), key
+
+    monitor.reset()
+    assert all(not bool(v.any()) for v in monitor.state_dict()["state"].values())
+    with pytest.raises(ValueError, match="config"):
+        _monitor(num_bootstrap=0).load_state_dict(saved)
+
+
+def test_bootstrap_replicates_and_interval():
+    batches = _batches(3)
+    monitor = _monitor(num_bootstrap=40, generator=torch.Generator().manual_seed(5))
+    weights = []
+    generator = torch.Generator().manual_seed(5)
+    for routing, lengths in batches:
+        monitor.update(routing, lengths)
+        weights.append(lk.poisson_weights(lengths.shape[0], 40, generator))
+    layers, lengths = _union(batches)
+    weights = torch.cat(weights)  # [S, B]
+    state = monitor.state_dict()["state"]
+    per_seq = torch.stack([lk.srp_counts(t, E, 5, lengths=lengths).sum(1) for t in layers])  # [n, S, 6]
+    expected = torch.einsum("sb,nsc->nbc", weights, per_seq)
+    assert torch.equal(state["srp@5/boot"], expected)
+    metrics = monitor.compute()
+    replicates = lk.srp_score(expected.sum(0)).best_f1
+    low, high = lk.basic_interval(metrics["model/srp@5"], replicates, 0.95)
+    assert torch.equal(metrics["model/srp@5/ci_low"], low)
+    assert torch.equal(metrics["model/srp@5/ci_high"], high)
+    with pytest.raises(ValueError, match="num_bootstrap"):
+        _monitor(num_bootstrap=19)
+
+
+def test_mismatch_errors_add_nothing():
+    batches = _batches(4)
+    monitor = _monitor()
+    monitor.update(*batches[0])
+    before = monitor.state_dict()["state"]
+    routing, lengths = batches[1]
+    with pytest.raises(ValueError, match="missing"):
+        monitor.update({k: v for k, v in routing.items() if k != "layer2"}, lengths)
+    with pytest.raises(ValueError, match="layers"):
+        monitor.update([routing["layer0"]], lengths)
+    with pytest.raises(ValueError, match="top_k"):
+        monitor.update({k: v[..., :1] for k, v in routing.items()}, lengths)
+    bad = dict(routing, layer1=torch.where(routing["layer1"] == 0, E, routing["layer1"]))
+    with pytest.raises(ValueError, match="num_experts"):
+        monitor.update(bad)
+    for key, value in monitor.state_dict()["state"].items():
+        assert torch.equal(value, before[key]), key
+    with pytest.raises(ValueError, match="num_experts"):
+        RoutingMonitor().update(routing)
+
+
+def test_sync_without_process_group_keeps_numbers_and_blocks_double_counting():
+    routing, lengths = _batches(5)[0]
+    monitor = _monitor()
+    monitor.update(routing, lengths)
+    local = monitor.compute()
+    with monitor.synced():
+        for key, value in monitor.compute().items():
+            torch.testing.assert_close(value, local[key], rtol=0, atol=0, equal_nan=True)
+        with pytest.raises(RuntimeError, match="unsync"):
+            monitor.update(routing, lengths)
+    monitor.update(routing, lengths)

@@ -1,0 +1,161 @@
+"""Triton SRP histograms and segment coverage (lrc_kernels/triton/srp.py) against the SPEC and the reference.
+
+Without CUDA the kernels run under the Triton interpreter on CPU tensors (TRITON_INTERPRET=1 must be set
+before the kernel module is imported). Sizes stay small: the interpreter costs ~0.1 s per token per call.
+"""
+
+import os
+import random
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton_srp = pytest.importorskip("lrc_kernels.triton.srp")
+
+from reference import ref_segment_coverage, ref_srp_counts  # noqa: E402
+
+
+def _topk(rows):
+    return torch.tensor(rows, dtype=torch.int32, device=DEVICE)
+
+
+def _lengths(values):
+    return torch.tensor(values, dtype=torch.int64, device=DEVICE)
+
+
+def _random_trace(rng, max_experts=16, max_slots=4, max_sequences=3, max_tokens=24):
+    """Random ``[S, T, k]`` trace with distinct valid ids per row, some -1 slots and random lengths."""
+    num_experts = rng.randint(1, max_experts)
+    num_slots = rng.randint(1, min(num_experts, max_slots))
+    num_sequences = rng.randint(1, max_sequences)
+    num_tokens = rng.randint(0, max_tokens)
+    # a few "hot" experts make repeated ids, hence counts above 1, likely
+    hot = rng.randint(1, num_experts)
+    rows = []
+    for _ in range(num_sequences):
+        sequence = []
+        for _ in range(num_tokens):
+            row = list(dict.fromkeys(rng.sample(range(hot), min(num_slots, hot)) +
+                                     rng.sample(range(num_experts), num_slots)))[:num_slots]
+            sequence.append([e if rng.random() >= 0.2 else -1 for e in row])
+        rows.append(sequence)
+    topk = torch.tensor(rows, dtype=torch.int32).reshape(num_sequences, num_tokens, num_slots)
+    lengths = [rng.randint(0, num_tokens) if rng.random() < 0.5 else num_tokens for _ in range(num_sequences)]
+    seg_len = rng.randint(1, num_tokens + 3)
+    return topk.to(DEVICE), _lengths(lengths), num_experts, seg_len
+
+
+def _assert_matches_reference(topk, lengths, num_experts, seg_len):
+    hist = triton_srp.srp_counts(topk, lengths, num_experts, seg_len)
+    coverage = triton_srp.segment_coverage(topk, lengths, num_experts, seg_len)
+    assert hist.dtype == torch.int64 and coverage.dtype == torch.int64
+    assert hist.device == topk.device and coverage.device == topk.device
+    cpu_topk, cpu_lengths = topk.cpu(), lengths.cpu()
+    assert torch.equal(hist.cpu(), ref_srp_counts(cpu_topk, cpu_lengths, num_experts, seg_len))
+    assert torch.equal(coverage.cpu(), ref_segment_coverage(cpu_topk, cpu_lengths, num_experts, seg_len))
+
+
+def test_example_a():
+    """SPEC §8 Example A, L = 2: per-expert H and cov = [8, 14, 14, 14]."""
+    topk = _topk([[[0], [0], [1], [2], [0], [3], [2], [1]]])
+    hist = triton_srp.srp_counts(topk, _lengths([8]), 4, 2)
+    assert hist.cpu().tolist() == [[[3, 3, 1], [4, 3, 0], [3, 4, 0], [5, 2, 0]]]
+    assert triton_srp.segment_coverage(topk, _lengths([8]), 4, 2).cpu().tolist() == [[8, 14, 14, 14]]
+
+
+def test_example_b():
+    """SPEC §8 Example B, L = 3: per-expert H and cov = [8, 16, 21, 24]."""
+    topk = _topk([[[0, 1], [2, 0], [3, 2], [1, 3], [2, 1], [3, 0]]])
+    hist = triton_srp.srp_counts(topk, _lengths([6]), 4, 3)
+    assert hist.cpu().tolist() == [[[1, 2, 1, 0], [0, 2, 2, 0], [0, 1, 3, 0], [0, 1, 3, 0]]]
+    assert triton_srp.segment_coverage(topk, _lengths([6]), 4, 3).cpu().tolist() == [[8, 16, 21, 24]]
+
+
+def test_example_c_minus_one_and_lengths():
+    """SPEC §8 Example C, L = 2: expert H pooled over sequences, and per-sequence cov."""
+    topk = _topk([[[0, 1], [-1, 2], [-1, -1], [0, 2]], [[3, 2], [3, -1], [2, 3], [1, 0]]])
+    lengths = _lengths([4, 3])
+    hist = triton_srp.srp_counts(topk, lengths, 4, 2)
+    assert hist.sum(0).cpu().tolist() == [[3, 2, 0], [4, 1, 0], [0, 5, 0], [3, 0, 2]]
+    assert hist[0, 3].cpu().tolist() == [3, 0, 0]
+    assert triton_srp.segment_coverage(topk, lengths, 4, 2).cpu().tolist() == [[3, 5, 6, 6], [4, 6, 6, 6]]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_traces_match_reference(seed):
+    _assert_matches_reference(*_random_trace(random.Random(seed)))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_traces_with_tiny_blocks(seed, monkeypatch):
+    """Tiny register budgets force several expert chunks, slot chunks and sequence blocks per launch."""
+    monkeypatch.setattr(triton_srp, "_MAX_SRP_EXPERT_LANES", 4)
+    monkeypatch.setattr(triton_srp, "_MAX_STATE_LANES", 8)
+    monkeypatch.setattr(triton_srp, "_MAX_ONE_HOT_LANES", 16)
+    _assert_matches_reference(*_random_trace(random.Random(100 + seed), max_experts=10, max_slots=6,
+                                             max_sequences=5, max_tokens=12))
+
+
+def test_no_sequences():
+    topk = torch.zeros((0, 5, 2), dtype=torch.int32, device=DEVICE)
+    lengths = torch.zeros(0, dtype=torch.int64, device=DEVICE)
+    assert triton_srp.srp_counts(topk, lengths, 3, 2).shape == (0, 3, 3)
+    assert triton_srp.segment_coverage(topk, lengths, 3, 2).shape == (0, 3)
+
+
+def test_sequences_shorter_than_window_give_zeros():
+    """SPEC §9: T_s < L gives an all-zero histogram, c = 0 included; a longer neighbour is unaffected."""
+    topk = _topk([[[0, 1], [1, 2], [2, 0]], [[0, 1], [1, 2], [2, 0]], [[0, 1], [1, 2], [2, 0]]])
+    lengths = _lengths([3, 1, 0])
+    hist = triton_srp.srp_counts(topk, lengths, 3, 2)
+    # sequence 0 windows count (1,2,1) and (1,1,2)
+    assert hist[0].cpu().tolist() == [[0, 2, 0], [0, 1, 1], [0, 1, 1]]
+    assert not hist[1:].any()
+    coverage = triton_srp.segment_coverage(topk, lengths, 3, 2)
+    assert coverage.cpu().tolist() == [[4, 6, 8], [0, 0, 0], [0, 0, 0]]
+    assert not triton_srp.srp_counts(topk, lengths, 3, 4).any()
+
+
+def test_zero_slots():
+    """k = 0: every window counts 0, so H[s, e, 0] = W_s and coverage is 0."""
+    topk = torch.zeros((2, 5, 0), dtype=torch.int32, device=DEVICE)
+    lengths = _lengths([5, 2])
+    hist = triton_srp.srp_counts(topk, lengths, 3, 3)
+    assert hist[:, :, 0].cpu().tolist() == [[3, 3, 3], [0, 0, 0]]
+    assert not hist[:, :, 1:].any()
+    assert not triton_srp.segment_coverage(topk, lengths, 3, 3).any()
+
+
+def test_every_expert_every_token():
+    """k = E without -1 (SPEC §9): every count is L, and the m largest sum to m·L per window."""
+    num_experts, num_tokens, seg_len = 5, 9, 4
+    rows = [[(t + j) % num_experts for j in range(num_experts)] for t in range(num_tokens)]
+    topk = _topk([rows])
+    num_windows = num_tokens - seg_len + 1
+    hist = triton_srp.srp_counts(topk, _lengths([num_tokens]), num_experts, seg_len)
+    expected = torch.zeros((1, num_experts, seg_len + 1), dtype=torch.int64)
+    expected[:, :, seg_len] = num_windows
+    assert torch.equal(hist.cpu(), expected)
+    coverage = triton_srp.segment_coverage(topk, _lengths([num_tokens]), num_experts, seg_len)
+    assert coverage.cpu().tolist() == [[m * seg_len * num_windows for m in range(1, num_experts + 1)]]
+
+
+def test_many_experts_match_reference():
+    """E above one SRP expert chunk (256 lanes) and a non-power-of-two coverage width."""
+    rng = random.Random(7)
+    num_experts, num_tokens = 300, 12
+    # ids on both sides of the chunk boundary, plus one -1 slot every third token
+    rows = [rng.sample([0, 1, 255, 256, 299], 3) for _ in range(num_tokens)]
+    for row in rows[::3]:
+        row[1] = -1
+    rows = [rows]
+    _assert_matches_reference(_topk(rows), _lengths([num_tokens]), num_experts, 3)
+
+
+def test_coverage_rejects_too_many_experts():
+    topk = torch.zeros((1, 2, 1), dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="num_experts"):
+        triton_srp.segment_coverage(topk, _lengths([2]), triton_srp.MAX_COVERAGE_EXPERTS + 1, 1)

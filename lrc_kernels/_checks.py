@@ -89,6 +89,35 @@ def check_topk(topk, num_experts: int, *, name: str = "topk", batched_rank: int 
     num_seqs, num_tokens = topk.shape[-3], topk.shape[-2]
     lengths = check_lengths(lengths, num_seqs, num_tokens, topk.device)
 
+    if topk.device.type == "cpu":
+        ids = _normalise_on_cpu(topk, lengths, num_experts, name)
+    else:
+        ids = _normalise_with_torch(topk, lengths, num_experts, name)
+    return ids, lengths, unbatched
+
+
+def _normalise_on_cpu(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int, name: str) -> torch.Tensor:
+    from lrc_kernels.cpu.validate import normalise_topk
+
+    leading = topk.shape[:-2]
+    num_layers = math.prod(leading[:-1])
+    rows = topk.reshape(num_layers * leading[-1], *topk.shape[-2:])
+    ids, problem = normalise_topk(rows, lengths.repeat(num_layers), num_experts)
+    if problem is None:
+        return ids.reshape(topk.shape)
+    kind, (sequence, token, slot) = problem
+    where = (*torch.unravel_index(torch.tensor(sequence), leading), token)
+    where = tuple(int(i) for i in where)
+    if kind == "range":
+        raise ValueError(f"{name}: expected expert ids in [-1, {num_experts}) (num_experts = {num_experts}), "
+                         f"received {int(topk[where + (slot,)])} at index {where + (slot,)}")
+    raise ValueError(f"{name}: expected distinct expert ids within a token's row (-1 may repeat), "
+                     f"received {topk[where].tolist()} at row {where}")
+
+
+def _normalise_with_torch(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int,
+                          name: str) -> torch.Tensor:
+    num_tokens = topk.shape[-2]
     valid_token = torch.arange(num_tokens, device=topk.device) < lengths[:, None]  # [S, T]
     ids = torch.where(valid_token[..., None], topk.to(torch.int32), -1).contiguous()
     bad = (topk < -1) | (topk >= num_experts)
@@ -97,9 +126,9 @@ def check_topk(topk, num_experts: int, *, name: str = "topk", batched_rank: int 
         where = _first_index(bad)
         raise ValueError(f"{name}: expected expert ids in [-1, {num_experts}) (num_experts = {num_experts}), "
                          f"received {int(topk[where])} at index {where}")
-    if num_slots > 1:
+    if topk.shape[-1] > 1:
         _check_distinct_rows(ids, name)
-    return ids, lengths, unbatched
+    return ids
 
 
 def _check_distinct_rows(ids: torch.Tensor, name: str, rows_per_chunk: int = 1 << 16) -> None:

@@ -7,6 +7,7 @@ statistics: pool them over experts, sequences, layers or datasets by summing, th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Optional, Sequence, Union
 
@@ -75,7 +76,9 @@ def segment_coverage(topk: torch.Tensor, num_experts: int, seg_len: int, *,
 
     Args:
         topk: int ``[S, T, k]`` (or ``[T, k]``), ``-1`` = no expert.
-        num_experts, seg_len, lengths, backend: as in :func:`srp_counts`.
+        num_experts, seg_len, lengths, backend: as in :func:`srp_counts`. The Triton kernel keeps a sorted
+            count vector per sequence in registers, so it takes E <= 4096; above that ``"auto"`` runs the
+            CPU path on CUDA inputs (the result returns to the input's device).
 
     Returns:
         int64 ``[S, E]`` (``[E]`` for 2-D input); ``cov[s, E-1]`` = activations inside windows.
@@ -87,6 +90,10 @@ def segment_coverage(topk: torch.Tensor, num_experts: int, seg_len: int, *,
     """
     ids, lengths, unbatched = check_topk(topk, num_experts, lengths=lengths)
     seg_len = check_int(seg_len, "seg_len", minimum=1)
+    if backend == "auto" and ids.device.type == "cuda":
+        from .triton.srp import MAX_COVERAGE_EXPERTS
+
+        backend = "triton" if num_experts <= MAX_COVERAGE_EXPERTS else "cpu"
     coverage = run_backend("srp", "segment_coverage", backend, ids, lengths, num_experts, seg_len)
     return coverage[0] if unbatched else coverage
 
@@ -167,7 +174,7 @@ def weighted_sum(weights: torch.Tensor, per_sequence: torch.Tensor) -> torch.Ten
     A float64 matrix product is exact here because every product and partial sum is an integer below
     2^53, and unlike an int64 product it runs on CUDA as well.
     """
-    flat = per_sequence.reshape(per_sequence.shape[0], -1).to(torch.float64)
+    flat = per_sequence.reshape(per_sequence.shape[0], math.prod(per_sequence.shape[1:])).to(torch.float64)
     pooled = weights.to(device=flat.device, dtype=torch.float64).T @ flat
     return pooled.round().to(torch.int64).view(weights.shape[1], *per_sequence.shape[1:])
 

@@ -168,6 +168,10 @@ def test_empty_batch_shapes():
     assert torch.isnan(curve.hit_rate).all() and torch.isnan(curve.ci_low).all()
     assert curve.references == 0
     assert torch.isnan(lk.srp(empty, 4, 2).act_r)
+    # SPEC §9: S = 0 is scored as "no window", so every bootstrap replicate is 0 and so is the interval
+    score = lk.srp(empty, 4, 2, num_bootstrap=20)
+    assert (score.best_f1.item(), score.ci_low.item(), score.ci_high.item()) == (0.0, 0.0, 0.0)
+    assert torch.isnan(score.act_r)
 
 
 @pytest.mark.parametrize("k", [0, 2])
@@ -236,6 +240,12 @@ BAD_CALLS = [
     ("id-below-minus-one", lambda: lk.cache_hits(TOPK - 2, 4, "lru"), ValueError, "received -2"),
     ("k-above-e", lambda: lk.srp_counts(TOPK, 1, 1), ValueError, "k <= num_experts = 1"),
     ("duplicate", lambda: lk.cache_hits(torch.tensor([[1, 1]]), 4, "lru"), ValueError, "distinct expert ids"),
+    ("duplicate-at-row", lambda: lk.srp_counts(torch.tensor([[[0, 1], [2, 2]]]), 4, 1), ValueError,
+     "received [2, 2] at row (0, 1)"),
+    ("model-level-id-too-large", lambda: lk.srp(torch.stack([TOPK, TOPK + 1]), 4, 1, level="model"), ValueError,
+     "received 4 at index (1, 0, 1, 1)"),
+    ("model-level-duplicate", lambda: lk.srp(torch.stack([TOPK, TOPK.flip(-1), TOPK.clamp(max=2)]), 4, 1,
+                                              level="model"), ValueError, "received [2, 2] at row (2, 0, 1)"),
     ("seg-len-0", lambda: lk.srp_counts(TOPK, 4, 0), ValueError, "seg_len: expected an int >= 1, received 0"),
     ("experts-0", lambda: lk.srp_counts(TOPK, 0, 1), ValueError, "num_experts: expected an int >= 1"),
     ("float-experts", lambda: lk.srp_counts(TOPK, 4.0, 1), TypeError, "num_experts: expected an int"),

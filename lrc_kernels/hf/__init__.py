@@ -1,36 +1,42 @@
-"""Live routing capture from Hugging Face transformers MoE models (optional extra: ``pip install lrc-kernels[hf]``).
+"""Live routing capture from Hugging Face transformers MoE models, and a training-loop monitor.
 
 :func:`find_routers` lists a model's MoE routers; :class:`RoutingRecorder` records the experts each router
-selects during a forward pass. ``RoutingMonitor`` and ``LRCCallback`` are loaded lazily from
-``lrc_kernels.hf.monitor`` and ``lrc_kernels.hf.callbacks``.
+selects during a forward pass; :class:`RoutingMonitor` accumulates exact routing-consistency statistics
+from recorded routing; :class:`LRCCallback` wires both into the transformers ``Trainer``.
+
+Every name is loaded on first use. The capture names and the Trainer callback need transformers >= 5
+(``pip install 'lrc-kernels[hf]'``); ``RoutingMonitor`` only consumes tensors and works without it.
 """
 
 import importlib
-import importlib.util
 
-try:
-    import transformers
-except ImportError as error:
-    raise ImportError("lrc_kernels.hf needs the `transformers` package (version 5 or later); install the `hf` "
-                      "extra: pip install 'lrc-kernels[hf]'") from error
+_NEEDS_TRANSFORMERS = {"RouterSite": ".routers", "find_routers": ".routers", "RoutingRecorder": ".recorder",
+                       "LRCCallback": ".callbacks"}
+_TENSORS_ONLY = {"RoutingMonitor": ".monitor"}
 
-if int(transformers.__version__.split(".")[0]) < 5:
-    raise ImportError(f"lrc_kernels.hf needs transformers >= 5 (MoE blocks that call `experts(hidden, top_k_index, "
-                      f"top_k_weights)`), found {transformers.__version__}; install the `hf` extra: "
-                      f"pip install -U 'lrc-kernels[hf]'")
 
-from .recorder import RoutingRecorder  # noqa: E402
-from .routers import RouterSite, find_routers  # noqa: E402
-
-_LAZY = {"RoutingMonitor": ".monitor", "LRCCallback": ".callbacks"}
+def require_transformers() -> None:
+    """Raise an ``ImportError`` naming the ``hf`` extra unless transformers >= 5 is importable."""
+    try:
+        import transformers
+    except ImportError as error:
+        raise ImportError("lrc_kernels.hf needs the `transformers` package (version 5 or later); install the "
+                          "`hf` extra: pip install 'lrc-kernels[hf]'") from error
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise ImportError(f"lrc_kernels.hf needs transformers >= 5 (MoE blocks that call `experts(hidden, "
+                          f"top_k_index, top_k_weights)`), found {transformers.__version__}; install the `hf` "
+                          f"extra: pip install -U 'lrc-kernels[hf]'")
 
 
 def __getattr__(name):
-    module_name = _LAZY.get(name)
-    if module_name is None or importlib.util.find_spec(module_name, __name__) is None:
+    if name in _NEEDS_TRANSFORMERS:
+        require_transformers()
+        module_name = _NEEDS_TRANSFORMERS[name]
+    elif name in _TENSORS_ONLY:
+        module_name = _TENSORS_ONLY[name]
+    else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(module_name, __name__), name)
 
 
-__all__ = ["RouterSite", "RoutingRecorder", "find_routers",
-           *(name for name, module in _LAZY.items() if importlib.util.find_spec(module, __name__) is not None)]
+__all__ = sorted([*_NEEDS_TRANSFORMERS, *_TENSORS_ONLY, "require_transformers"])

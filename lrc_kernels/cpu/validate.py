@@ -1,0 +1,79 @@
+"""One-pass validation and normalisation of a CPU routing tensor (SPEC §1), for the public API layer.
+
+The torch formulation (mask, ``where``, a sort per row for duplicates) makes several full-size temporaries
+and costs more than the metric kernels themselves on a 2048 x 512 x 8 trace. This kernel reads every slot
+once: it checks the id range, finds a repeated id with a per-expert stamp (O(k) per row, also at model level
+where a row holds ``n_layers * k`` ids), and writes the int32 copy with ``-1`` beyond each sequence's length.
+"""
+
+import numba
+import numpy as np
+import torch
+
+@numba.njit(cache=True)
+def _copy_and_check(topk, lengths, num_experts, out):
+    """Fill ``out`` and return whether any slot holds an out-of-range or repeated id.
+
+    Branch-free per slot (the flag is or-ed, the stamp array has a spare entry for -1), which runs about
+    twice as fast as stopping at the first bad slot; a bad input is then located by :func:`_first_problem`.
+    """
+    num_sequences, num_tokens, num_slots = topk.shape
+    # last_row_seen[e + 1] = 1-based flat index of the last row holding id e, 0 = never
+    last_row_seen = np.zeros(num_experts + 1, np.int64)
+    any_bad = False
+    for s in range(num_sequences):
+        valid_tokens = lengths[s]
+        for t in range(num_tokens):
+            if t >= valid_tokens:
+                for j in range(num_slots):
+                    out[s, t, j] = -1
+                continue
+            row = s * num_tokens + t + 1
+            for j in range(num_slots):
+                e = topk[s, t, j]
+                in_range = np.uint64(e + 1) <= np.uint64(num_experts)
+                stamp = (e + 1) if in_range else 0
+                any_bad |= (not in_range) | ((e >= 0) & (last_row_seen[stamp] == row))
+                last_row_seen[stamp] = row
+                out[s, t, j] = e
+    return any_bad
+
+
+@numba.njit(cache=True)
+def _first_problem(topk, lengths, num_experts):
+    """``(kind, s, t, j)`` of the first bad slot in row-major order: kind 1 = out of range, 2 = repeated."""
+    num_sequences, num_tokens, num_slots = topk.shape
+    last_row_seen = np.zeros(num_experts, np.int64)
+    for s in range(num_sequences):
+        for t in range(lengths[s]):
+            row = s * num_tokens + t + 1
+            for j in range(num_slots):
+                e = topk[s, t, j]
+                if e < -1 or e >= num_experts:
+                    return 1, s, t, j
+                if e >= 0:
+                    if last_row_seen[e] == row:
+                        return 2, s, t, j
+                    last_row_seen[e] = row
+    return 0, 0, 0, 0
+
+
+def normalise_topk(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int):
+    """Validate and copy a CPU routing tensor.
+
+    Args:
+        topk: signed integer ``[S, T, k]`` on the CPU (any strides).
+        lengths: int64 ``[S]``, values already checked to lie in ``[0, T]``.
+
+    Returns:
+        ``(ids, problem)``: ``ids`` int32 contiguous ``[S, T, k]`` with ``-1`` beyond each length, and
+        ``problem`` None or ``(kind, (s, t, j))`` with kind ``"range"`` or ``"repeat"`` for the first bad slot.
+    """
+    # one numba signature per input dtype; int64 and int32 are the dtypes routing comes in
+    source = topk if topk.dtype in (torch.int32, torch.int64) else topk.to(torch.int32)
+    source = source.contiguous().numpy()
+    out = torch.empty(topk.shape, dtype=torch.int32)
+    if not _copy_and_check(source, lengths.numpy(), num_experts, out.numpy()):
+        return out, None
+    kind, s, t, j = _first_problem(source, lengths.numpy(), num_experts)
+    return out, ("range" if kind == 1 else "repeat", (int(s), int(t), int(j)))

@@ -70,8 +70,9 @@ def check_topk(topk, num_experts: int, *, name: str = "topk", batched_rank: int 
             nor validated (SPEC §1) and come back as ``-1``.
 
     Returns:
-        ``(topk, lengths, was_unbatched)``: ``topk`` int32 contiguous with ``batched_rank`` dims (a fresh
-        tensor, never a view of the input), ``lengths`` int64 contiguous ``[S]`` on the same device.
+        ``(topk, lengths, was_unbatched)``: ``topk`` int32 contiguous with ``batched_rank`` dims, ``lengths``
+        int64 contiguous ``[S]`` on the same device. ``topk`` may share memory with the input (a CPU input
+        that is already int32, contiguous and full length is not copied), so callers only read it.
     """
     num_experts = check_int(num_experts, "num_experts", minimum=1)
     check_int_tensor(topk, name)

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 @numba.njit(cache=True)
-def _copy_and_check(topk, lengths, num_experts, out):
-    """Fill ``out`` and return whether any slot holds an out-of-range or repeated id.
+def _copy_and_check(topk, lengths, num_experts, out, write_out):
+    """Return whether any slot holds an out-of-range or repeated id; fill ``out`` if ``write_out``.
 
     Branch-free per slot (the flag is or-ed, the stamp array has a spare entry for -1), which runs about
     twice as fast as stopping at the first bad slot; a bad input is then located by :func:`_first_problem`.
@@ -25,8 +25,9 @@ def _copy_and_check(topk, lengths, num_experts, out):
         valid_tokens = lengths[s]
         for t in range(num_tokens):
             if t >= valid_tokens:
-                for j in range(num_slots):
-                    out[s, t, j] = -1
+                if write_out:
+                    for j in range(num_slots):
+                        out[s, t, j] = -1
                 continue
             row = s * num_tokens + t + 1
             for j in range(num_slots):
@@ -35,7 +36,8 @@ def _copy_and_check(topk, lengths, num_experts, out):
                 stamp = (e + 1) if in_range else 0
                 any_bad |= (not in_range) | ((e >= 0) & (last_row_seen[stamp] == row))
                 last_row_seen[stamp] = row
-                out[s, t, j] = e
+                if write_out:
+                    out[s, t, j] = e
     return any_bad
 
 
@@ -66,14 +68,18 @@ def normalise_topk(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int):
         lengths: int64 ``[S]``, values already checked to lie in ``[0, T]``.
 
     Returns:
-        ``(ids, problem)``: ``ids`` int32 contiguous ``[S, T, k]`` with ``-1`` beyond each length, and
+        ``(ids, problem)``: ``ids`` int32 contiguous ``[S, T, k]`` with ``-1`` beyond each length (the input
+        itself when it is already int32, contiguous and full length: the backends only read it), and
         ``problem`` None or ``(kind, (s, t, j))`` with kind ``"range"`` or ``"repeat"`` for the first bad slot.
     """
+    num_tokens = topk.shape[1]
+    already_normal = (topk.dtype == torch.int32 and topk.is_contiguous()
+                      and bool((lengths == num_tokens).all()))
     # one numba signature per input dtype; int64 and int32 are the dtypes routing comes in
     source = topk if topk.dtype in (torch.int32, torch.int64) else topk.to(torch.int32)
     source = source.contiguous().numpy()
-    out = torch.empty(topk.shape, dtype=torch.int32)
-    if not _copy_and_check(source, lengths.numpy(), num_experts, out.numpy()):
+    out = topk if already_normal else torch.empty(topk.shape, dtype=torch.int32)
+    if not _copy_and_check(source, lengths.numpy(), num_experts, out.numpy(), not already_normal):
         return out, None
     kind, s, t, j = _first_problem(source, lengths.numpy(), num_experts)
     return out, ("range" if kind == 1 else "repeat", (int(s), int(t), int(j)))

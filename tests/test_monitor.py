@@ -39,7 +39,8 @@ def _union(batches):
 
 
 def _monitor(**kwargs):
-    return RoutingMonitor(seg_lens=SEG_LENS, cache_sizes_in_k=(1, 2, 4), num_experts=E, **kwargs)
+    return RoutingMonitor(seg_lens=SEG_LENS, policies=("sch", "lru", "lfu", "belady"), cache_sizes_in_k=(1, 2, 4),
+                          num_experts=E, **kwargs)
 
 
 def test_state_equals_library_on_union():
@@ -146,8 +147,12 @@ def test_mismatch_errors_add_nothing():
     with pytest.raises(ValueError, match="top_k"):
         monitor.update({k: v[..., :1] for k, v in routing.items()}, lengths)
     bad = dict(routing, layer1=torch.where(routing["layer1"] == 0, E, routing["layer1"]))
-    with pytest.raises(ValueError, match="num_experts"):
+    with pytest.raises(ValueError, match=r"routing\['layer1'\]: expected expert ids in \[-1, 6\) \(num_experts = 6\)"):
         monitor.update(bad)
+    with pytest.raises(ValueError, match=r"routing\['layer2'\]: expected top_k = 2 slots per token .* k = 3"):
+        monitor.update(dict(routing, layer2=torch.cat([routing["layer2"], routing["layer2"][..., :1]], -1)))
+    with pytest.raises(ValueError, match=r"missing \[\], unexpected \['layer9'\]"):
+        monitor.update(dict(routing, layer9=routing["layer0"]), lengths)
     for key, value in monitor.state_dict()["state"].items():
         assert torch.equal(value, before[key]), key
     with pytest.raises(ValueError, match="num_experts"):
@@ -165,3 +170,56 @@ def test_sync_without_process_group_keeps_numbers_and_blocks_double_counting():
         with pytest.raises(RuntimeError, match="unsync"):
             monitor.update(routing, lengths)
     monitor.update(routing, lengths)
+
+
+def test_log_to_writes_the_summary_as_scalars():
+    class RecordingWriter:  # the SummaryWriter.add_scalar interface
+        def __init__(self):
+            self.scalars = []
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.append((tag, value, step))
+
+    monitor = _monitor()
+    for routing, lengths in _batches(6):
+        monitor.update(routing, lengths)
+    writer = RecordingWriter()
+    written = monitor.log_to(writer, 7)
+    assert written == monitor.summary()
+    assert writer.scalars == [(key, value, 7) for key, value in written.items()]
+    # 2 SRP + 5 caches (sch@2, sch@5, lru, lfu, belady) x 2 sizes, model level and layer mean: c = 4 is
+    # omitted at both levels (m = 8 > E = 6 per layer, m = 24 > n·E = 18 for the model).
+    assert len(written) == 2 * (2 + 5 * 2)
+    assert not any(key.startswith("lrc/hit@4k") for key in written)
+
+
+def test_summary_leaves_out_srp_without_windows():
+    generator = torch.Generator().manual_seed(7)
+    short = {f"layer{q}": _random_topk(generator, 2, 3, drop=0.0) for q in range(N_LAYERS)}  # T = 3 < L = 5
+    monitor = _monitor()
+    monitor.update(short)
+    metrics = monitor.compute()
+    assert metrics["srp@5/support"].tolist() == [0] * N_LAYERS and int(metrics["model/srp@5/support"]) == 0
+    assert metrics["srp@5"].tolist() == [0.0] * N_LAYERS  # SPEC §9: no window scores 0 ...
+    # ... which the summary does not report; L = 2 has 2 windows x E experts x 2 sequences per layer.
+    assert metrics["srp@2/support"].tolist() == [2 * E * 2] * N_LAYERS
+    summary = monitor.summary(per_layer=True)
+    assert not any("srp@5" in key for key in summary)
+    assert {"lrc/srp@2", "lrc/srp@2/layer_mean", "lrc/layer0/srp@2"} <= set(summary)
+
+
+def test_policy_names_and_the_default_single_sch_look_ahead():
+    assert RoutingMonitor().cache_names == ("sch@16", "lru", "lfu", "belady")
+    assert _monitor().cache_names == ("sch@2", "sch@5", "lru", "lfu", "belady")
+    monitor = RoutingMonitor(seg_lens=SEG_LENS, policies=("belady", "sch@3"), num_experts=E)
+    assert monitor.cache_names == ("belady", "sch@3")
+    routing, lengths = _batches(8)[0]
+    monitor.update(routing, lengths)
+    layers, _ = _union([(routing, lengths)])
+    expected = torch.stack([lk.cache_hits(t, E, "sch", seg_len=3, lengths=lengths).sum(0) for t in layers])
+    assert torch.equal(monitor.state_dict()["state"]["hits/sch@3"], expected)
+    for bad in ("sch@0", "sch@x", "sch@03", "fifo"):
+        with pytest.raises(ValueError, match="policies"):
+            RoutingMonitor(policies=(bad,))
+    with pytest.raises(ValueError, match="distinct caches"):
+        RoutingMonitor(seg_lens=(2, 5), policies=("sch", "sch@5"))

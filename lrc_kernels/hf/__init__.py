@@ -2,7 +2,8 @@
 
 :func:`find_routers` lists a model's MoE routers; :class:`RoutingRecorder` records the experts each router
 selects during a forward pass; :class:`RoutingMonitor` accumulates exact routing-consistency statistics
-from recorded routing; :class:`LRCCallback` wires both into the transformers ``Trainer``.
+from recorded routing; :class:`LRCCallback` wires both into the transformers ``Trainer``,
+:class:`LRCLightningCallback` into Lightning (needs ``lightning``), and :class:`RoutingTap` into any loop.
 
 Every name is loaded on first use. The capture names and the Trainer callback need transformers >= 5
 (``pip install 'lrc-kernels[hf]'``); ``RoutingMonitor`` only consumes tensors and works without it.
@@ -11,7 +12,9 @@ Every name is loaded on first use. The capture names and the Trainer callback ne
 import importlib
 
 _NEEDS_TRANSFORMERS = {"RouterSite": ".routers", "find_routers": ".routers", "RoutingRecorder": ".recorder",
-                       "LRCCallback": ".callbacks"}
+                       "LRCCallback": ".callbacks", "RoutingTap": ".callbacks"}
+# Also needs lightning, so it stays out of __all__: `from lrc_kernels.hf import *` must work without it.
+_NEEDS_LIGHTNING = {"LRCLightningCallback": ".lightning_callback"}
 _TENSORS_ONLY = {"RoutingMonitor": ".monitor"}
 
 
@@ -29,9 +32,9 @@ def require_transformers() -> None:
 
 
 def __getattr__(name):
-    if name in _NEEDS_TRANSFORMERS:
+    if name in _NEEDS_TRANSFORMERS or name in _NEEDS_LIGHTNING:
         require_transformers()
-        module_name = _NEEDS_TRANSFORMERS[name]
+        module_name = _NEEDS_TRANSFORMERS.get(name) or _NEEDS_LIGHTNING[name]
     elif name in _TENSORS_ONLY:
         module_name = _TENSORS_ONLY[name]
     else:

@@ -47,6 +47,7 @@ class LRCLightningCallback(Callback):
         self._tap_arguments = dict(monitor=monitor, stage=stage, capture=capture, reset_after_log=reset_after_log,
                                    **monitor_kwargs)
         self.tap: Optional[RoutingTap] = None
+        self._last_logged_step = 0
 
     @property
     def monitor(self) -> Optional[RoutingMonitor]:
@@ -60,7 +61,10 @@ class LRCLightningCallback(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         every = self.log_every_n_steps or trainer.log_every_n_steps
-        if trainer.global_step % every == 0:
+        # Under gradient accumulation several batches end on the same optimizer step (and step 0 comes before
+        # the first optimizer step); log once per step, after a step.
+        if trainer.global_step % every == 0 and trainer.global_step != self._last_logged_step:
+            self._last_logged_step = trainer.global_step
             summary = self.tap.log_window(per_layer=self.per_layer, prefix=self.prefix)
             if summary:
                 pl_module.log_dict(summary, on_step=True, on_epoch=False, sync_dist=False)

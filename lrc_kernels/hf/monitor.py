@@ -18,7 +18,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from lrc_kernels import basic_interval, bootstrap_indices, concat_layers, poisson_weights, srp_score
+from lrc_kernels import basic_interval, bootstrap_indices, poisson_weights, srp_score
 from lrc_kernels._checks import check_choice, check_topk, run_backend, BACKENDS
 
 try:
@@ -27,6 +27,9 @@ except ImportError:  # NVTX ranges are an optional profiling aid
     _nvtx = None
 
 POLICIES = ("sch", "lru", "lfu", "belady")
+# SCH at every L costs one cache pass per L and per level, ~40 % of an update with the paper's four L; one
+# look-ahead keeps the per-step cost of a training monitor small (bench/RESULTS.md, bench_monitor.py).
+DEFAULT_POLICIES = ("sch@16", "lru", "lfu", "belady")
 LOOKUPS = ("token", "sequential")
 
 Routing = Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
@@ -48,6 +51,14 @@ def _int_tuple(values, name: str, minimum: int) -> Tuple[int, ...]:
     if len(set(values)) != len(values):
         raise ValueError(f"{name}: expected distinct values, received {values}")
     return values
+
+
+def _sch_look_ahead(policy: str) -> int:
+    """L of a ``"sch@L"`` policy name."""
+    digits = policy[len("sch@"):]
+    if not digits.isdigit() or int(digits) < 1 or digits != str(int(digits)):
+        raise ValueError(f"policies: expected 'sch@L' with an int L >= 1, received {policy!r}")
+    return int(digits)
 
 
 def _sum_dim1(tensor: torch.Tensor) -> torch.Tensor:
@@ -80,9 +91,10 @@ class RoutingMonitor:
     """Accumulates SRP histograms and cache hit counts of a stream of routed batches.
 
     Args:
-        seg_lens: window lengths L for SRP, and the look-ahead of one ``"sch@L"`` cache policy each.
-        policies: cache policies among ``"sch"``, ``"lru"``, ``"lfu"``, ``"belady"``; ``"sch"`` expands
-            to ``"sch@L"`` for every L in ``seg_lens``.
+        seg_lens: window lengths L for SRP (and the look-aheads of the ``"sch"`` policy entry).
+        policies: cache policies among ``"sch@L"`` (SCH with look-ahead L, any L >= 1), ``"sch"`` (expands
+            to ``"sch@L"`` for every L in ``seg_lens``), ``"lru"``, ``"lfu"`` and ``"belady"``. The default
+            monitors SCH at L = 16 only; pass ``("sch", "lru", "lfu", "belady")`` for SCH at every L.
         cache_sizes_in_k: reported cache sizes as multiples c of the working set: m = c·k per layer and
             m = c·n·k at model level. Sizes above E (n·E) are not reported. The state holds every m.
         num_bootstrap: B > 0 adds streaming Poisson-bootstrap CIs (SPEC §3 "Streaming"); needs
@@ -110,7 +122,7 @@ class RoutingMonitor:
     """
 
     def __init__(self, seg_lens: Sequence[int] = (4, 16, 64, 256),
-                 policies: Sequence[str] = POLICIES, cache_sizes_in_k: Sequence[int] = (1, 2, 4),
+                 policies: Sequence[str] = DEFAULT_POLICIES, cache_sizes_in_k: Sequence[int] = (1, 2, 4),
                  num_bootstrap: int = 0, confidence: float = 0.95, model_level: bool = True,
                  device: Optional[Union[str, torch.device]] = None,
                  generator: Optional[torch.Generator] = None, *,
@@ -120,11 +132,20 @@ class RoutingMonitor:
                  lookup: str = "token", backend: str = "auto", seed: int = 0):
         self.seg_lens = _int_tuple(seg_lens, "seg_lens", 1)
         policies = tuple(policies)
+        specs = []  # (name, policy, seg_len) of every monitored cache
         for policy in policies:
-            if policy not in POLICIES:
-                raise ValueError(f"policies: expected entries of {POLICIES}, received {policy!r}")
-        if len(set(policies)) != len(policies):
-            raise ValueError(f"policies: expected distinct values, received {policies}")
+            if policy == "sch":
+                specs.extend((f"sch@{L}", "sch", L) for L in self.seg_lens)
+            elif isinstance(policy, str) and policy.startswith("sch@"):
+                specs.append((policy, "sch", _sch_look_ahead(policy)))
+            elif policy in POLICIES:
+                specs.append((policy, policy, None))
+            else:
+                raise ValueError(f"policies: expected entries of {POLICIES} or 'sch@L' (an int L >= 1), "
+                                 f"received {policy!r}")
+        names = [name for name, _, _ in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"policies: expected distinct caches, received {policies} (caches {names})")
         self.policies = policies
         self.cache_sizes_in_k = _int_tuple(cache_sizes_in_k, "cache_sizes_in_k", 1)
         if isinstance(num_bootstrap, bool) or not isinstance(num_bootstrap, int) or num_bootstrap < 0:
@@ -148,10 +169,7 @@ class RoutingMonitor:
         self.device = None if device is None else torch.device(device)
         self._generator = generator
         check_choice(backend, "backend", BACKENDS)
-        # (name, policy, seg_len) of every monitored cache: "sch@L" per L, then the policies without look-ahead.
-        self._cache_specs: Tuple[Tuple[str, str, Optional[int]], ...] = tuple(
-            spec for policy in policies
-            for spec in ([(f"sch@{L}", "sch", L) for L in self.seg_lens] if policy == "sch" else [(policy, policy, None)]))
+        self._cache_specs: Tuple[Tuple[str, str, Optional[int]], ...] = tuple(specs)
         self.cache_names: Tuple[str, ...] = tuple(name for name, _, _ in self._cache_specs)
 
         self._layer_names: Optional[List[str]] = None if layer_names is None else [str(n) for n in layer_names]
@@ -385,8 +403,14 @@ class RoutingMonitor:
             stacked = torch.cat([layers[q] for q in members]) if len(members) > 1 else layers[members[0]]
             label = f"routing[{names[members[0]]!r}]" if len(members) == 1 else \
                 f"routing (layers {[names[q] for q in members]} stacked layer-major into [n*B, T, k])"
-            ids, group_lengths, _ = check_topk(stacked, experts, name=label,
-                                               lengths=None if lengths is None else lengths.repeat(len(members)))
+            try:
+                ids, group_lengths, _ = check_topk(stacked, experts, name=label,
+                                                   lengths=None if lengths is None else lengths.repeat(len(members)))
+            except ValueError:
+                # Name the offending layer rather than a row of the stacked batch.
+                for q in members:
+                    check_topk(layers[q], experts, name=f"routing[{names[q]!r}]", lengths=lengths)
+                raise
             view = (len(members), num_seqs, -1)
             for L in self.seg_lens:
                 counts = run_backend("srp", "srp_counts", self.backend, ids, group_lengths, experts, L)
@@ -401,9 +425,12 @@ class RoutingMonitor:
 
         model_per_seq: Dict[str, torch.Tensor] = {}  # key -> int64 [S, n·E]
         if self.model_level and self.cache_names:
-            # Model level implies one group holding every layer in order (equal E and k).
-            stream = concat_layers(stacked_ids.view(num_layers, num_seqs, num_tokens, -1), num_experts[0])
-            stream = stream.to(torch.int32).contiguous()
+            # Model level implies one group holding every layer in order (equal E and k). The ids are validated
+            # already, so this is lrc_kernels.concat_layers (SPEC §6) without its second validation pass.
+            layer_ids = stacked_ids.view(num_layers, num_seqs, num_tokens, -1)
+            offsets = torch.arange(num_layers, device=device, dtype=layer_ids.dtype).view(-1, 1, 1, 1) * num_experts[0]
+            stream = torch.where(layer_ids >= 0, layer_ids + offsets, layer_ids)
+            stream = stream.permute(1, 2, 0, 3).reshape(num_seqs, num_tokens, -1).to(torch.int32).contiguous()
             for name, policy, seg_len in self._cache_specs:
                 model_per_seq[f"model_hits/{name}"] = run_backend(
                     "cache", "cache_hits", self.backend, stream, stacked_lengths[:num_seqs],
@@ -432,6 +459,8 @@ class RoutingMonitor:
 
             - ``"srp@L"`` ``[n]``: per-layer SRP best_f1 on the histogram pooled over experts and sequences;
               ``"model/srp@L"`` ``[]``: the layers' histograms pooled (one shared threshold).
+            - ``"srp@L/support"`` int64 ``[n]`` and ``"model/srp@L/support"`` int64 ``[]``: pooled (window,
+              expert) pairs; 0 means no sequence was long enough for a window, and SRP is then 0 by definition.
             - ``"hit@{c}k/{policy}"`` ``[n]``: pooled hit rate Σhits/ΣN of a cache of m = c·k experts (NaN
               where m > E or no reference was seen); ``"model/hit@{c}k/{policy}"`` ``[]`` with m = c·n·k
               (omitted when m > n·E). ``policy`` is ``"sch@L"``, ``"lru"``, ``"lfu"`` or ``"belady"``.
@@ -445,9 +474,11 @@ class RoutingMonitor:
             state, out = self._state, {}
             for L in self.seg_lens:
                 hist = state[f"srp@{L}"]
-                out[f"srp@{L}"] = srp_score(hist).best_f1
+                layer_score = srp_score(hist)
+                out[f"srp@{L}"], out[f"srp@{L}/support"] = layer_score.best_f1, layer_score.support
                 if self.model_level:
-                    out[f"model/srp@{L}"] = srp_score(hist.sum(0)).best_f1
+                    model_score = srp_score(hist.sum(0))
+                    out[f"model/srp@{L}"], out[f"model/srp@{L}/support"] = model_score.best_f1, model_score.support
                 if self.num_bootstrap:
                     boot = state[f"srp@{L}/boot"]  # [n, B, L+1]
                     self._add_interval(out, f"srp@{L}", srp_score(boot).best_f1)
@@ -495,21 +526,44 @@ class RoutingMonitor:
         """Flatten :meth:`compute` into a few Python floats for a logger.
 
         Keys (``prefix`` = ``"lrc/"``): ``lrc/srp@L`` and ``lrc/hit@{c}k/{policy}`` (model level, with
-        ``/ci_low`` / ``/ci_high`` under bootstrap), ``lrc/srp@L/layer_mean`` and
-        ``lrc/hit@{c}k/{policy}/layer_mean`` (mean of the per-layer values over layers with a value), and with
-        ``per_layer=True`` also ``lrc/{layer_name}/srp@L`` and ``lrc/{layer_name}/hit@{c}k/{policy}``.
+        ``/ci_low`` / ``/ci_high`` under bootstrap; left out while NaN, and SRP while it has no window, i.e.
+        every sequence is shorter than L), ``lrc/srp@L/layer_mean`` and
+        ``lrc/hit@{c}k/{policy}/layer_mean`` (mean of the per-layer values over layers with a value; omitted
+        when no layer has one, e.g. c·k > E), and with
+        ``per_layer=True`` also ``lrc/{layer_name}/srp@L`` and ``lrc/{layer_name}/hit@{c}k/{policy}`` (NaN
+        values, i.e. c·k > E or no reference yet, are left out).
         """
         metrics = self.compute() if metrics is None else metrics
         flat: Dict[str, float] = {}
         for key, value in metrics.items():
+            if key.endswith("/support") or key in ("references", "model/references"):
+                continue
+            scored_key = key.rsplit("/", 1)[0] if key.endswith(("/ci_low", "/ci_high")) else key
+            support = metrics.get(f"{scored_key}/support")
+            if support is not None:
+                # SRP without a single window is 0 by definition, which a plot would misread as "no consistency".
+                value = torch.where(support > 0, value, math.nan)
             if key.startswith("model/"):
-                if key != "model/references":
+                if not bool(value.isnan()):
                     flat[prefix + key[len("model/"):]] = float(value)
-            elif key != "references" and not key.endswith(("/ci_low", "/ci_high")):
-                flat[f"{prefix}{key}/layer_mean"] = float(value.nanmean())
+            elif not key.endswith(("/ci_low", "/ci_high")):
+                if not bool(value.isnan().all()):
+                    flat[f"{prefix}{key}/layer_mean"] = float(value.nanmean())
                 if per_layer:
                     for name, layer_value in zip(self._layer_names, value.tolist()):
-                        flat[f"{prefix}{name}/{key}"] = layer_value
+                        if not math.isnan(layer_value):
+                            flat[f"{prefix}{name}/{key}"] = layer_value
+        return flat
+
+    def log_to(self, writer, step: int, *, per_layer: bool = False, prefix: str = "lrc/") -> Dict[str, float]:
+        """Write :meth:`summary` as scalars: ``writer.add_scalar(key, value, step)`` for every key.
+
+        ``writer`` is a ``torch.utils.tensorboard.SummaryWriter`` or anything with that ``add_scalar``.
+        Returns the summary that was written.
+        """
+        flat = self.summary(per_layer=per_layer, prefix=prefix)
+        for key, value in flat.items():
+            writer.add_scalar(key, value, step)
         return flat
 
     # ----------------------------------------------------------------------------------------------

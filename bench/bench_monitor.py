@@ -1,0 +1,157 @@
+"""Overhead of live routing monitoring on training steps of a tiny MoE (CPU).
+
+Model: the tiny Mixtral shipped in lrc_kernels/data/tiny_moe (4 layers, 16 experts, top-2, hidden 128),
+trained with AdamW on batches of 8 x 256 tokens of lrc_kernels/data/sample.txt.
+
+Plain and monitored training steps alternate (plain first on even pairs, monitored first on odd ones),
+after warm-up steps of both kinds, so both see the same machine load:
+
+- plain: forward, backward, optimizer step;
+- monitored: the same with ``monitor.update(recorder.routing(), lengths)`` after the forward, and every
+  ``--log-every`` monitored steps ``monitor.summary()`` + ``monitor.reset()`` (what the Trainer callback does
+  at each log). The recorder is entered before and left after each monitored step (in a real run it stays
+  open), so its hook registration is charged to the monitor. The monitor has default settings unless options
+  say otherwise.
+
+Overhead = (median monitored step + median log / log_every) / median plain step - 1, in wall time (the goal)
+and in process CPU time (all threads). Medians of single steps resist the load spikes of a shared machine
+better than block totals, but on a busy machine their noise (several %) can exceed the overhead, so the
+script also prints a component estimate: (median update + median log / log_every) / median plain step.
+
+    python bench/bench_monitor.py                 # default monitor, 60 steps of each kind
+    python bench/bench_monitor.py --seg-lens 16   # a cheaper configuration
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lrc_kernels.hf import RoutingMonitor, RoutingRecorder
+
+DATA_DIR = pathlib.Path(__file__).resolve().parents[1] / "lrc_kernels" / "data"
+
+
+def batches(tokenizer, batch_size: int, seq_len: int):
+    """Endless ``int64 [batch_size, seq_len]`` batches of consecutive-token windows of the sample text."""
+    tokens = torch.tensor(tokenizer((DATA_DIR / "sample.txt").read_text(), verbose=False)["input_ids"])
+    windows = tokens[: len(tokens) // seq_len * seq_len].view(-1, seq_len)
+    generator = torch.Generator().manual_seed(0)
+    while True:
+        for order in torch.randperm(len(windows), generator=generator).split(batch_size):
+            if len(order) == batch_size:
+                yield windows[order]
+
+
+class Bench:
+    def __init__(self, args):
+        torch.manual_seed(0)
+        model_dir = DATA_DIR / "tiny_moe"
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
+        self.batches = batches(AutoTokenizer.from_pretrained(model_dir), args.batch_size, args.seq_len)
+        self.log_every = args.log_every
+        self.monitor_kwargs = {} if args.seg_lens is None else {"seg_lens": args.seg_lens}
+        self.monitor = None
+        self.monitored_steps = 0
+        self.update_seconds, self.log_seconds = [], []
+
+    def _train_step(self, input_ids, recorder=None) -> None:
+        loss = self.model(input_ids=input_ids, labels=input_ids).loss
+        if recorder is not None:
+            start = time.perf_counter()
+            self.monitor.update(recorder.routing(), next(iter(recorder.lengths().values())))
+            self.update_seconds.append(time.perf_counter() - start)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+    def plain_step(self) -> tuple:
+        input_ids = next(self.batches)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        self._train_step(input_ids)
+        return time.perf_counter() - start, time.process_time() - cpu_start
+
+    def monitored_step(self) -> tuple:
+        """(wall, process CPU) seconds of one monitored step, without the periodic log (in log_seconds)."""
+        input_ids = next(self.batches)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        with RoutingRecorder(self.model) as recorder:
+            if self.monitor is None:
+                self.monitor = RoutingMonitor.from_recorder(recorder, **self.monitor_kwargs)
+            self._train_step(input_ids, recorder)
+        elapsed = time.perf_counter() - start, time.process_time() - cpu_start
+        self.monitored_steps += 1
+        if self.monitored_steps % self.log_every == 0:
+            start = time.perf_counter()
+            summary = self.monitor.summary()
+            self.monitor.reset()
+            self.log_seconds.append(time.perf_counter() - start)
+            assert summary and all(0.0 <= value <= 1.0 for value in summary.values())
+        return elapsed
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60, help="timed steps of each kind")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps of each kind first")
+    parser.add_argument("--log-every", type=int, default=10, help="monitored steps per monitor log")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    parser.add_argument("--seg-lens", type=int, nargs="+", help="RoutingMonitor seg_lens (default: its own)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    bench = Bench(args)
+    for _ in range(args.warmup):
+        bench.plain_step(), bench.monitored_step()
+    bench.update_seconds.clear(), bench.log_seconds.clear()
+    bench.monitored_steps = 0
+    plain, monitored = [], []
+    for pair in range(args.steps):
+        if pair % 2 == 0:
+            plain.append(bench.plain_step())
+            monitored.append(bench.monitored_step())
+        else:
+            monitored.append(bench.monitored_step())
+            plain.append(bench.plain_step())
+
+    plain_cpu = [cpu for _, cpu in plain]
+    monitored_cpu = [cpu for _, cpu in monitored]
+    plain = [wall for wall, _ in plain]
+    monitored = [wall for wall, _ in monitored]
+    plain_median, monitored_median = statistics.median(plain), statistics.median(monitored)
+    log_median = statistics.median(bench.log_seconds)
+    overhead = (monitored_median + log_median / args.log_every) / plain_median - 1
+    component = (statistics.median(bench.update_seconds) + log_median / args.log_every) / plain_median
+    cpu_overhead = (statistics.median(monitored_cpu) + log_median / args.log_every) / statistics.median(plain_cpu) - 1
+    monitor = bench.monitor
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"monitor: seg_lens={monitor.seg_lens}, caches={monitor.cache_names}, "
+          f"model_level={monitor.model_level}, num_bootstrap={monitor.num_bootstrap}")
+    print(f"{args.steps} steps of each kind, {args.batch_size} x {args.seq_len} tokens, a log every "
+          f"{args.log_every} monitored steps")
+    print(f"plain step      median {1e3 * plain_median:8.2f} ms  (quartiles "
+          f"{' '.join(f'{1e3 * q:.1f}' for q in statistics.quantiles(plain, n=4))})")
+    print(f"monitored step  median {1e3 * monitored_median:8.2f} ms  (quartiles "
+          f"{' '.join(f'{1e3 * q:.1f}' for q in statistics.quantiles(monitored, n=4))})")
+    print(f"  of which monitor.update  median {1e3 * statistics.median(bench.update_seconds):.2f} ms")
+    print(f"log (summary + reset)      median {1e3 * log_median:.2f} ms, every {args.log_every} steps")
+    print(f"process CPU time per step: plain median {1e3 * statistics.median(plain_cpu):.2f} ms, monitored "
+          f"{1e3 * statistics.median(monitored_cpu):.2f} ms -> CPU overhead {100 * cpu_overhead:+.2f} %")
+    print(f"overhead (wall) {100 * overhead:+.2f} %  (goal <= 3 %: {'met' if overhead <= 0.03 else 'missed'})")
+    print(f"component estimate (median update + median log / log_every) / median plain step: "
+          f"{100 * component:+.2f} %")
+
+
+if __name__ == "__main__":
+    main()

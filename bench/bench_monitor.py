@@ -19,7 +19,7 @@ better than block totals, but on a busy machine their noise (several %) can exce
 script also prints a component estimate: (median update + median log / log_every) / median plain step.
 
     python bench/bench_monitor.py                 # default monitor, 60 steps of each kind
-    python bench/bench_monitor.py --seg-lens 16   # a cheaper configuration
+    python bench/bench_monitor.py --policies sch@16 lru lfu belady   # SCH at one look-ahead only
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ class Bench:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
         self.batches = batches(AutoTokenizer.from_pretrained(model_dir), args.batch_size, args.seq_len)
         self.log_every = args.log_every
-        self.monitor_kwargs = {} if args.seg_lens is None else {"seg_lens": args.seg_lens}
+        self.monitor_kwargs = {key: value for key, value in (("seg_lens", args.seg_lens), ("policies", args.policies))
+                               if value is not None}
         self.monitor = None
         self.monitored_steps = 0
         self.update_seconds, self.log_seconds = [], []
@@ -107,6 +108,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--seg-lens", type=int, nargs="+", help="RoutingMonitor seg_lens (default: its own)")
+    parser.add_argument("--policies", nargs="+", help="RoutingMonitor policies, e.g. sch@16 lru (default: its own)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 

@@ -38,9 +38,9 @@ def test_trainer_block_logs_lrc_keys(capsys):
     logged, callback, model = namespace["logged"], namespace["callback"], namespace["model"]
     assert logged["step"] == 4
     lrc = {key: value for key, value in logged.items() if key.startswith("lrc/")}
-    # SRP at 3 lengths (128-token sequences have no window of 256) + 4 caches x 3 sizes (E = 16 and n·E = 64
-    # hold every size), each at model level and as a layer mean.
-    assert len(lrc) == 2 * (3 + 4 * 3)
+    # SRP at 3 lengths (128-token sequences have no window of 256) + 7 caches (SCH at 4 look-aheads, LRU, LFU,
+    # Belady) x 3 sizes (E = 16 and n·E = 64 hold every size), each at model level and as a layer mean.
+    assert len(lrc) == 2 * (3 + 7 * 3)
     assert "lrc/hit@4k/sch@16" in lrc and "lrc/srp@64/layer_mean" in lrc
     assert "lrc/srp@256" not in lrc
     assert all(0.0 <= value <= 1.0 for value in lrc.values())

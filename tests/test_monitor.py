@@ -208,8 +208,8 @@ def test_summary_leaves_out_srp_without_windows():
     assert {"lrc/srp@2", "lrc/srp@2/layer_mean", "lrc/layer0/srp@2"} <= set(summary)
 
 
-def test_policy_names_and_the_default_single_sch_look_ahead():
-    assert RoutingMonitor().cache_names == ("sch@16", "lru", "lfu", "belady")
+def test_policy_names_and_the_default_sch_at_every_seg_len():
+    assert RoutingMonitor().cache_names == ("sch@4", "sch@16", "sch@64", "sch@256", "lru", "lfu", "belady")
     assert _monitor().cache_names == ("sch@2", "sch@5", "lru", "lfu", "belady")
     monitor = RoutingMonitor(seg_lens=SEG_LENS, policies=("belady", "sch@3"), num_experts=E)
     assert monitor.cache_names == ("belady", "sch@3")
@@ -223,3 +223,14 @@ def test_policy_names_and_the_default_single_sch_look_ahead():
             RoutingMonitor(policies=(bad,))
     with pytest.raises(ValueError, match="distinct caches"):
         RoutingMonitor(seg_lens=(2, 5), policies=("sch", "sch@5"))
+
+
+def test_default_summary_key_count_does_not_grow_with_layers():
+    # E = 16, k = 2: cache sizes 2, 4 and 8 fit every layer, and 2n, 4n, 8n fit the n·16 model slots.
+    # Keys: 4 L x (model, layer_mean) SRP + 7 caches (sch@4/16/64/256, lru, lfu, belady) x 3 sizes x 2 = 50.
+    generator = torch.Generator().manual_seed(3)
+    for num_layers in (2, 9):
+        monitor = RoutingMonitor(num_experts=16)
+        routing = [torch.rand(2, 300, 16, generator=generator).argsort(-1)[..., :2] for _ in range(num_layers)]
+        monitor.update(routing)
+        assert len(monitor.summary()) == 4 * 2 + 7 * 3 * 2

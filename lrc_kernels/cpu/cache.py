@@ -41,7 +41,7 @@ def _used_after(last_use, time):
     return count
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _lru_depth_hits(topk, lengths, num_experts, free_slot_hits, sequential, hits):
     num_sequences, _, num_slots = topk.shape
     last_use = np.empty(num_experts, np.int64)  # -1: not seen yet, so never counted as used after anything
@@ -87,7 +87,7 @@ def _lru_depth_hits(topk, lengths, num_experts, free_slot_hits, sequential, hits
             hits[s, d] = total
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _stack_depth_hits(topk, lengths, num_experts, policy, seg_len, free_slot_hits, sequential, hits):
     num_sequences, _, num_slots = topk.shape
     stack = np.zeros(num_experts, np.int64)

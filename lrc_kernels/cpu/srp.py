@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _srp_histograms(topk, lengths, seg_len, histograms):
     num_sequences, _, num_slots = topk.shape
     num_experts = histograms.shape[1]
@@ -51,7 +51,7 @@ def _srp_histograms(topk, lengths, seg_len, histograms):
             histograms[s, e, count[e]] += num_windows - since[e]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _coverage(topk, lengths, seg_len, coverage):
     # The sum of the m largest counts of a window equals sum_{c=1..L} min(n_c, m), where n_c is the number
     # of experts with count >= c. So cov[m-1] = sum_{j<m} #{(w, c) : n_c(w) > j}, which only needs

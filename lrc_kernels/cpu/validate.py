@@ -10,7 +10,7 @@ import numba
 import numpy as np
 import torch
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _copy_and_check(topk, lengths, num_experts, out, write_out):
     """Return whether any slot holds an out-of-range or repeated id; fill ``out`` if ``write_out``.
 
@@ -41,7 +41,7 @@ def _copy_and_check(topk, lengths, num_experts, out, write_out):
     return any_bad
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _first_problem(topk, lengths, num_experts):
     """``(kind, s, t, j)`` of the first bad slot in row-major order: kind 1 = out of range, 2 = repeated."""
     num_sequences, num_tokens, num_slots = topk.shape

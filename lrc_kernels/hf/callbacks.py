@@ -123,7 +123,7 @@ class LRCCallback(TrainerCallback):
     Every training forward pass is recorded (:class:`RoutingTap`); on each ``on_log`` that follows new
     batches the callback syncs the monitor across ranks, adds :meth:`RoutingMonitor.summary` keys to
     ``logs`` and to ``state.log_history[-1]``, and resets the monitor (``reset_after_log``). Default keys
-    (at most 32 with the default monitor, whatever the number of layers): model-level ``lrc/srp@L`` and
+    (at most 50 with the default monitor, whatever the number of layers): model-level ``lrc/srp@L`` and
     ``lrc/hit@{c}k/{policy}`` and their ``/layer_mean``; ``per_layer=True`` adds ``lrc/{layer}/...`` keys.
 
     Reporting callbacks (TensorBoard, wandb, ...) only see the keys if this callback runs before them:

@@ -27,9 +27,6 @@ except ImportError:  # NVTX ranges are an optional profiling aid
     _nvtx = None
 
 POLICIES = ("sch", "lru", "lfu", "belady")
-# SCH at every L costs one cache pass per L and per level, ~40 % of an update with the paper's four L; one
-# look-ahead keeps the per-step cost of a training monitor small (bench/RESULTS.md, bench_monitor.py).
-DEFAULT_POLICIES = ("sch@16", "lru", "lfu", "belady")
 LOOKUPS = ("token", "sequential")
 
 Routing = Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
@@ -93,8 +90,9 @@ class RoutingMonitor:
     Args:
         seg_lens: window lengths L for SRP (and the look-aheads of the ``"sch"`` policy entry).
         policies: cache policies among ``"sch@L"`` (SCH with look-ahead L, any L >= 1), ``"sch"`` (expands
-            to ``"sch@L"`` for every L in ``seg_lens``), ``"lru"``, ``"lfu"`` and ``"belady"``. The default
-            monitors SCH at L = 16 only; pass ``("sch", "lru", "lfu", "belady")`` for SCH at every L.
+            to ``"sch@L"`` for every L in ``seg_lens``), ``"lru"``, ``"lfu"`` and ``"belady"``. SCH at every L
+            is about 40 % of an update; ``("sch@16", "lru", "lfu", "belady")`` is a cheaper choice for a
+            training loop (docs/monitoring.md, Cost).
         cache_sizes_in_k: reported cache sizes as multiples c of the working set: m = c·k per layer and
             m = c·n·k at model level. Sizes above E (n·E) are not reported. The state holds every m.
         num_bootstrap: B > 0 adds streaming Poisson-bootstrap CIs (SPEC §3 "Streaming"); needs
@@ -122,7 +120,7 @@ class RoutingMonitor:
     """
 
     def __init__(self, seg_lens: Sequence[int] = (4, 16, 64, 256),
-                 policies: Sequence[str] = DEFAULT_POLICIES, cache_sizes_in_k: Sequence[int] = (1, 2, 4),
+                 policies: Sequence[str] = POLICIES, cache_sizes_in_k: Sequence[int] = (1, 2, 4),
                  num_bootstrap: int = 0, confidence: float = 0.95, model_level: bool = True,
                  device: Optional[Union[str, torch.device]] = None,
                  generator: Optional[torch.Generator] = None, *,

@@ -29,6 +29,7 @@ import os
 import pathlib
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -36,18 +37,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lrc_kernels.hf import RoutingMonitor, RoutingRecorder
 
-DATA_DIR = pathlib.Path(__file__).resolve().parents[1] / "lrc_kernels" / "data"
-
-
-def batches(tokenizer, batch_size: int, seq_len: int):
-    """Endless ``int64 [batch_size, seq_len]`` batches of consecutive-token windows of the sample text."""
-    tokens = torch.tensor(tokenizer((DATA_DIR / "sample.txt").read_text(), verbose=False)["input_ids"])
-    windows = tokens[: len(tokens) // seq_len * seq_len].view(-1, seq_len)
-    generator = torch.Generator().manual_seed(0)
-    while True:
-        for order in torch.randperm(len(windows), generator=generator).split(batch_size):
-            if len(order) == batch_size:
-                yield windows[order]
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "examples"))
+from train_loop_monitor import DATA_DIR, token_batches  # noqa: E402  (the example's batches of sample.txt)
 
 
 class Bench:
@@ -56,7 +48,7 @@ class Bench:
         model_dir = DATA_DIR / "tiny_moe"
         self.model = AutoModelForCausalLM.from_pretrained(model_dir).train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
-        self.batches = batches(AutoTokenizer.from_pretrained(model_dir), args.batch_size, args.seq_len)
+        self.batches = token_batches(AutoTokenizer.from_pretrained(model_dir), args.batch_size, args.seq_len)
         self.log_every = args.log_every
         self.monitor_kwargs = {key: value for key, value in (("seg_lens", args.seg_lens), ("policies", args.policies))
                                if value is not None}
@@ -110,6 +102,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seg-lens", type=int, nargs="+", help="RoutingMonitor seg_lens (default: its own)")
     parser.add_argument("--policies", nargs="+", help="RoutingMonitor policies, e.g. sch@16 lru (default: its own)")
     args = parser.parse_args(argv)
+    if args.steps < args.log_every:
+        parser.error(f"--steps ({args.steps}) must be at least --log-every ({args.log_every}) to time a log")
     torch.set_num_threads(args.threads)
 
     bench = Bench(args)

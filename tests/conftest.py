@@ -277,3 +277,12 @@ def call_backend(function, topk, *args, lengths=None, backend, **kwargs):
                       backend=backend, **kwargs)
     assert result.device.type == device.type
     return result.cpu()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread: tiny models gain nothing from more, which thrash on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

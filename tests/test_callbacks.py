@@ -13,13 +13,7 @@ BATCH, SEQ_LEN, NUM_LAYERS, NUM_EXPERTS, TOP_K = 4, 12, 2, 6, 2
 MONITOR_ARGS = dict(seg_lens=(2, 4), policies=("sch", "lru", "lfu", "belady"), cache_sizes_in_k=(1, 2, 4))
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The tiny models gain nothing from intra-op threads, which thrash on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class _PaddedTokens(torch.utils.data.Dataset):

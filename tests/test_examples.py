@@ -14,13 +14,7 @@ PYTHON_BLOCKS = re.findall(r"```python\n(.*?)\n```", DOC, flags=re.S)
 BASH_BLOCKS = re.findall(r"```bash\n(.*?)\n```", DOC, flags=re.S)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The tiny models gain nothing from intra-op threads, which thrash on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _block(marker):

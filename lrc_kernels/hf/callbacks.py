@@ -18,6 +18,12 @@ from .monitor import RoutingMonitor
 from .recorder import RoutingRecorder
 
 
+
+def _check_monitor_arguments(monitor: Optional[RoutingMonitor], monitor_kwargs: dict) -> None:
+    if monitor is not None and monitor_kwargs:
+        raise ValueError(f"monitor_kwargs: pass either monitor= or RoutingMonitor arguments, received both "
+                         f"(arguments {sorted(monitor_kwargs)})")
+
 class RoutingTap:
     """Feeds the routing of every training-mode forward pass of ``model`` into a :class:`RoutingMonitor`.
 
@@ -42,9 +48,7 @@ class RoutingTap:
     def __init__(self, model: nn.Module, monitor: Optional[RoutingMonitor] = None, *,
                  stage: Optional[str] = None, capture: str = "selected", reset_after_log: bool = True,
                  **monitor_kwargs):
-        if monitor is not None and monitor_kwargs:
-            raise ValueError(f"monitor_kwargs: pass either monitor= or RoutingMonitor arguments, received both "
-                             f"(arguments {sorted(monitor_kwargs)})")
+        _check_monitor_arguments(monitor, monitor_kwargs)
         self.model = model
         self.monitor = monitor
         self.stage = stage
@@ -147,9 +151,7 @@ class LRCCallback(TrainerCallback):
     def __init__(self, monitor: Optional[RoutingMonitor] = None, *, per_layer: bool = False,
                  reset_after_log: bool = True, stage: Optional[str] = None, capture: str = "selected",
                  prefix: str = "lrc/", **monitor_kwargs):
-        if monitor is not None and monitor_kwargs:
-            raise ValueError(f"monitor_kwargs: pass either monitor= or RoutingMonitor arguments, received both "
-                             f"(arguments {sorted(monitor_kwargs)})")
+        _check_monitor_arguments(monitor, monitor_kwargs)
         self.per_layer = per_layer
         self.reset_after_log = reset_after_log
         self.stage = stage

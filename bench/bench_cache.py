@@ -77,11 +77,9 @@ def _future_schedule(rows, num_experts):
     return refs, next_use
 
 
-def python_single_pass(rows, num_experts, policy, seg_len):
-    """hits[m-1] for m = 1..E of one sequence: one priority-stack pass in plain Python (SPEC section 4).
-
-    ``rows`` is a list of T lists of valid ids in processing order. Token lookup, free-slot hits.
-    """
+def _bookkeeping(rows, num_experts, policy, seg_len):
+    """Each reference's next use, the empty per-expert records both baselines update inline (last use,
+    frequency, SCH look-ahead count, next use), and the eviction key over them (SPEC section 4 table)."""
     _, next_use = _future_schedule(rows, num_experts)
     last_use, frequency, ahead, upcoming = {}, {}, {}, {}
     if policy == "sch":
@@ -97,6 +95,16 @@ def python_single_pass(rows, num_experts, policy, seg_len):
         if policy == "belady":
             return (-upcoming[y],)
         return (ahead[y], last_use[y])
+
+    return next_use, last_use, frequency, ahead, upcoming, key
+
+
+def python_single_pass(rows, num_experts, policy, seg_len):
+    """hits[m-1] for m = 1..E of one sequence: one priority-stack pass in plain Python (SPEC section 4).
+
+    ``rows`` is a list of T lists of valid ids in processing order. Token lookup, free-slot hits.
+    """
+    next_use, last_use, frequency, ahead, upcoming, key = _bookkeeping(rows, num_experts, policy, seg_len)
 
     stack = []
     at_depth = [0] * num_experts
@@ -140,21 +148,7 @@ def python_single_pass(rows, num_experts, policy, seg_len):
 
 def python_per_size(rows, num_experts, cache_size, policy, seg_len):
     """Hits of ONE cache of ``cache_size`` experts on one sequence (SPEC section 4 protocol, plain Python)."""
-    refs, next_use = _future_schedule(rows, num_experts)
-    last_use, frequency, ahead, upcoming = {}, {}, {}, {}
-    if policy == "sch":
-        for row in rows[:seg_len]:
-            for y in row:
-                ahead[y] = ahead.get(y, 0) + 1
-
-    def key(y):
-        if policy == "lru":
-            return (last_use[y],)
-        if policy == "lfu":
-            return (frequency[y], last_use[y])
-        if policy == "belady":
-            return (-upcoming[y],)
-        return (ahead[y], last_use[y])
+    next_use, last_use, frequency, ahead, upcoming, key = _bookkeeping(rows, num_experts, policy, seg_len)
 
     cache = set()
     hits = 0

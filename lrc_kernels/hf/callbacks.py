@@ -18,11 +18,11 @@ from .monitor import RoutingMonitor
 from .recorder import RoutingRecorder
 
 
-
 def _check_monitor_arguments(monitor: Optional[RoutingMonitor], monitor_kwargs: dict) -> None:
     if monitor is not None and monitor_kwargs:
         raise ValueError(f"monitor_kwargs: pass either monitor= or RoutingMonitor arguments, received both "
                          f"(arguments {sorted(monitor_kwargs)})")
+
 
 class RoutingTap:
     """Feeds the routing of every training-mode forward pass of ``model`` into a :class:`RoutingMonitor`.

@@ -1,7 +1,7 @@
 """Routing-consistency monitoring for PyTorch Lightning: :class:`LRCLightningCallback`.
 
-Needs ``lightning`` (or the older ``pytorch_lightning``) besides transformers. Not exercised by the test
-suite, which runs without Lightning; it is a thin wrapper around :class:`RoutingTap`, which is tested.
+Needs ``lightning`` (or the older ``pytorch_lightning``) besides transformers. The test suite runs without
+Lightning: it drives these hooks with stand-ins for Lightning's ``Callback``, trainer and module.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Bench scripts that must keep working without a GPU: the GPU check's correctness part (every Triton kernel
-compared with the CPU path under the Triton interpreter at small sizes) and a short monitor-overhead run."""
+"""Bench scripts that must keep working without a GPU: small runs of each (their own exactness checks raise on
+any disagreement), including the GPU check's correctness part under the Triton interpreter."""
 
 import os
 import pathlib
@@ -27,3 +27,23 @@ def test_bench_monitor_runs_the_default_monitor_on_a_short_run():
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "caches=('sch@4', 'sch@16', 'sch@64', 'sch@256', 'lru', 'lfu', 'belady')" in result.stdout
     assert re.search(r"overhead \(wall\) [+-]\d+\.\d+ %", result.stdout), result.stdout
+
+
+def test_bench_srp_small_run_agrees_with_the_dense_baseline():
+    # The script raises if the dense baseline, the API and the kernel return different integers.
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_srp.py"), "--sizes", "8", "--tokens", "40",
+                             "--seg-lens", "4", "--metrics", "segment_coverage", "--repeats", "1"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert re.search(r"^  all .* \d+\.\dx ", result.stdout, flags=re.M), result.stdout
+
+
+def test_bench_cache_small_run_agrees_with_both_python_baselines():
+    # The script asserts that the kernel, the API and both plain-Python baselines give the same hits.
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_cache.py"), "--sequences", "2", "--tokens",
+                             "48", "--experts", "12", "--top-k", "2", "--layers", "2", "--repeats", "1",
+                             "--python-sequences", "1"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "goal api >= 100x python 1-pass" in result.stdout
+    for policy in ("lru", "lfu", "belady", "sch(4)", "sch(256)"):
+        assert re.search(rf"^{re.escape(policy)} +\d", result.stdout, flags=re.M), policy

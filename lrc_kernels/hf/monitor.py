@@ -91,7 +91,7 @@ class RoutingMonitor:
         seg_lens: window lengths L for SRP (and the look-aheads of the ``"sch"`` policy entry).
         policies: cache policies among ``"sch@L"`` (SCH with look-ahead L, any L >= 1), ``"sch"`` (expands
             to ``"sch@L"`` for every L in ``seg_lens``), ``"lru"``, ``"lfu"`` and ``"belady"``. SCH at every L
-            is about 40 % of an update; ``("sch@16", "lru", "lfu", "belady")`` is a cheaper choice for a
+            is about half of an update; ``("sch@16", "lru", "lfu", "belady")`` is a cheaper choice for a
             training loop (docs/monitoring.md, Cost).
         cache_sizes_in_k: reported cache sizes as multiples c of the working set: m = c·k per layer and
             m = c·n·k at model level. Sizes above E (n·E) are not reported. The state holds every m.

@@ -7,6 +7,8 @@ from fractions import Fraction as Fr
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lrc_kernels as lk
 
@@ -303,3 +305,61 @@ def test_import_is_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "TRITON_INTERPRET": ""})
     assert out.stdout.split() == ["False", "False", "False", "False"]
+
+
+@st.composite
+def _routing_with_mistakes(draw):
+    """Small routing tensors whose ids may fall outside [-1, E) or repeat in a row, with random lengths.
+
+    E covers both CPU duplicate checks: bit registers (E <= 128) and the per-expert stamp (E > 128).
+    """
+    num_experts = draw(st.sampled_from([1, 2, 7, 63, 64, 65, 100, 127, 128, 129, 300]))
+    num_slots = draw(st.integers(1, min(num_experts, 8)))
+    num_seqs, num_tokens = draw(st.integers(1, 3)), draw(st.integers(0, 5))
+    # ids near the edges of the range and near the 64-bit word boundaries, where a bit trick could alias
+    pool = sorted({-3, -2, -1, 0, 1, 63, 64, 65, 126, 127, num_experts - 1, num_experts, num_experts + 64} |
+                  set(range(min(num_experts, 6))))
+    flat = draw(st.lists(st.sampled_from(pool), min_size=num_seqs * num_tokens * num_slots,
+                         max_size=num_seqs * num_tokens * num_slots))
+    topk = torch.tensor(flat, dtype=torch.int64).view(num_seqs, num_tokens, num_slots)
+    lengths = torch.tensor(draw(st.lists(st.integers(0, num_tokens), min_size=num_seqs, max_size=num_seqs)))
+    return topk, num_experts, lengths
+
+
+def _is_valid_routing(topk, num_experts, lengths):
+    for s, length in enumerate(lengths.tolist()):
+        for row in topk[s, :length].tolist():
+            ids = [e for e in row if e != -1]
+            if any(not 0 <= e < num_experts for e in ids) or len(set(ids)) != len(ids):
+                return False
+    return True
+
+
+@settings(max_examples=400)
+@given(case=_routing_with_mistakes(), int32=st.booleans())
+def test_cpu_validation_rejects_exactly_the_invalid_routing(case, int32):
+    from lrc_kernels._checks import check_topk
+
+    topk, num_experts, lengths = case
+    topk = topk.to(torch.int32) if int32 else topk
+    for given_lengths in (lengths, None):  # None: every token counts (the int32 input is then not copied)
+        full = torch.full_like(lengths, topk.shape[1]) if given_lengths is None else lengths
+        if _is_valid_routing(topk, num_experts, full):
+            ids, _, _ = check_topk(topk, num_experts, lengths=given_lengths)
+            expected = torch.where(torch.arange(topk.shape[1])[:, None] < full[:, None, None], topk, -1)
+            assert ids.dtype == torch.int32 and torch.equal(ids, expected.to(torch.int32))
+        else:
+            with pytest.raises(ValueError, match="topk: expected"):
+                check_topk(topk, num_experts, lengths=given_lengths)
+
+
+@pytest.mark.parametrize("num_experts", [128, 129, 300])
+def test_cpu_validation_keeps_ids_64_apart_distinct(num_experts):
+    # Ids 64 apart share a bit position in the two-register duplicate check (E <= 128).
+    from lrc_kernels._checks import check_topk
+
+    rows = torch.tensor([[[0, 64], [3, 67], [63, 127], [127, 63], [-1, 64]]], dtype=torch.int32)
+    ids, _, _ = check_topk(rows, num_experts)
+    assert torch.equal(ids, rows)
+    with pytest.raises(ValueError, match=r"received \[67, 67\] at row \(0, 1\)"):
+        check_topk(torch.tensor([[[0, 64], [67, 67]]]), num_experts)

@@ -2,25 +2,46 @@
 
 The torch formulation (mask, ``where``, a sort per row for duplicates) makes several full-size temporaries
 and costs more than the metric kernels themselves on a 2048 x 512 x 8 trace. This kernel reads every slot
-once: it checks the id range, finds a repeated id with a per-expert stamp (O(k) per row, also at model level
-where a row holds ``n_layers * k`` ids), and writes the int32 copy with ``-1`` beyond each sequence's length.
+once: it checks the id range, finds a repeated id in a row, and writes the int32 copy with ``-1`` beyond
+each sequence's length. A bad input is then located by :func:`_first_problem`, which may branch.
+
+Repeated ids: for E <= 128 a row's ids set bits in two 64-bit registers, and the row repeats an id iff
+fewer bits are set than it has ids (one ``popcount`` per register). That is about 3x faster (10 ms against
+26-29 ms on an int32 2048 x 512 x 8 trace) than the general method, a per-expert stamp (O(k) per row, any
+E, e.g. a model-level row of ``n_layers * k`` ids), which stores and reloads memory for every slot. Both
+are branch-free per slot; stopping at the first bad slot ran about twice as slow.
 """
 
+import llvmlite.ir
 import numba
 import numpy as np
 import torch
+from numba import types
+from numba.extending import intrinsic
+
+# Rows of up to this many experts are checked with bit registers instead of a stamp array.
+_REGISTER_CHECK_MAX_EXPERTS = 128
+
+
+@intrinsic
+def _popcount(typingctx, value):
+    """Number of set bits of a uint64 (LLVM ``ctpop``, one instruction on current CPUs)."""
+    def codegen(context, builder, signature, args):
+        ctpop = builder.module.declare_intrinsic("llvm.ctpop", [llvmlite.ir.IntType(64)])
+        return builder.call(ctpop, args)
+
+    return types.uint64(types.uint64), codegen
+
 
 @numba.njit(cache=True, nogil=True)
 def _copy_and_check(topk, lengths, num_experts, out, write_out):
-    """Return whether any slot holds an out-of-range or repeated id; fill ``out`` if ``write_out``.
-
-    Branch-free per slot (the flag is or-ed, the stamp array has a spare entry for -1), which runs about
-    twice as fast as stopping at the first bad slot; a bad input is then located by :func:`_first_problem`.
-    """
+    """Return whether any slot holds an out-of-range or repeated id; fill ``out`` if ``write_out``."""
     num_sequences, num_tokens, num_slots = topk.shape
-    # last_row_seen[e + 1] = 1-based flat index of the last row holding id e, 0 = never
-    last_row_seen = np.zeros(num_experts + 1, np.int64)
-    any_bad = False
+    use_registers = num_experts <= _REGISTER_CHECK_MAX_EXPERTS
+    # stamp method: last_row_seen[e + 1] = 1-based flat index of the last row holding id e, 0 = never;
+    # entry 0 is a spare for -1 and out-of-range ids
+    last_row_seen = np.zeros(0 if use_registers else num_experts + 1, np.int64)
+    bad_slots = 0
     for s in range(num_sequences):
         valid_tokens = lengths[s]
         for t in range(num_tokens):
@@ -29,16 +50,33 @@ def _copy_and_check(topk, lengths, num_experts, out, write_out):
                     for j in range(num_slots):
                         out[s, t, j] = -1
                 continue
-            row = s * num_tokens + t + 1
-            for j in range(num_slots):
-                e = topk[s, t, j]
-                in_range = np.uint64(e + 1) <= np.uint64(num_experts)
-                stamp = (e + 1) if in_range else 0
-                any_bad |= (not in_range) | ((e >= 0) & (last_row_seen[stamp] == row))
-                last_row_seen[stamp] = row
-                if write_out:
-                    out[s, t, j] = e
-    return any_bad
+            if use_registers:
+                low = np.uint64(0)
+                high = np.uint64(0)
+                ids_in_row = np.uint64(0)
+                out_of_range = 0
+                for j in range(num_slots):
+                    e = np.int64(topk[s, t, j])
+                    is_id = e >= 0
+                    bit = np.uint64(is_id) << np.uint64(e & 63)
+                    upper_half = np.uint64(0) - np.uint64((e >> 6) & 1)  # all ones for ids 64..127
+                    high |= bit & upper_half
+                    low |= bit & ~upper_half
+                    ids_in_row += np.uint64(is_id)
+                    out_of_range += np.uint64(e + 1) > np.uint64(num_experts)
+                bad_slots += out_of_range + (_popcount(low) + _popcount(high) != ids_in_row)
+            else:
+                row = s * num_tokens + t + 1
+                for j in range(num_slots):
+                    e = topk[s, t, j]
+                    in_range = np.uint64(e + 1) <= np.uint64(num_experts)
+                    stamp = (e + 1) if in_range else 0
+                    bad_slots += (not in_range) | ((e >= 0) & (last_row_seen[stamp] == row))
+                    last_row_seen[stamp] = row
+            if write_out:
+                for j in range(num_slots):
+                    out[s, t, j] = topk[s, t, j]
+    return bad_slots != 0
 
 
 @numba.njit(cache=True, nogil=True)

@@ -110,10 +110,18 @@ def _normalise_on_cpu(topk: torch.Tensor, lengths: torch.Tensor, num_experts: in
     where = (*torch.unravel_index(torch.tensor(sequence), leading), token)
     where = tuple(int(i) for i in where)
     if kind == "range":
-        raise ValueError(f"{name}: expected expert ids in [-1, {num_experts}) (num_experts = {num_experts}), "
-                         f"received {int(topk[where + (slot,)])} at index {where + (slot,)}")
-    raise ValueError(f"{name}: expected distinct expert ids within a token's row (-1 may repeat), "
-                     f"received {topk[where].tolist()} at row {where}")
+        raise _id_range_error(name, num_experts, topk, where + (slot,))
+    raise _repeated_id_error(name, topk, where)
+
+
+def _id_range_error(name: str, num_experts: int, topk: torch.Tensor, index: Tuple[int, ...]) -> ValueError:
+    return ValueError(f"{name}: expected expert ids in [-1, {num_experts}) (num_experts = {num_experts}), "
+                      f"received {int(topk[index])} at index {index}")
+
+
+def _repeated_id_error(name: str, ids: torch.Tensor, row: Tuple[int, ...]) -> ValueError:
+    return ValueError(f"{name}: expected distinct expert ids within a token's row (-1 may repeat), "
+                      f"received {ids[row].tolist()} at row {row}")
 
 
 def _normalise_with_torch(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int,
@@ -124,9 +132,7 @@ def _normalise_with_torch(topk: torch.Tensor, lengths: torch.Tensor, num_experts
     bad = (topk < -1) | (topk >= num_experts)
     bad &= valid_token[..., None]
     if bool(bad.any()):
-        where = _first_index(bad)
-        raise ValueError(f"{name}: expected expert ids in [-1, {num_experts}) (num_experts = {num_experts}), "
-                         f"received {int(topk[where])} at index {where}")
+        raise _id_range_error(name, num_experts, topk, _first_index(bad))
     if topk.shape[-1] > 1:
         _check_distinct_rows(ids, name)
     return ids
@@ -141,8 +147,7 @@ def _check_distinct_rows(ids: torch.Tensor, name: str, rows_per_chunk: int = 1 <
         if bool(repeated.any()):
             flat_row = start + int(repeated.nonzero()[0, 0])
             row = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat_row), ids.shape[:-1]))
-            raise ValueError(f"{name}: expected distinct expert ids within a token's row (-1 may repeat), "
-                             f"received {ids[row].tolist()} at row {row}")
+            raise _repeated_id_error(name, ids, row)
 
 
 def check_lengths(lengths, num_seqs: int, num_tokens: int, device) -> torch.Tensor:

@@ -363,3 +363,19 @@ def test_cpu_validation_keeps_ids_64_apart_distinct(num_experts):
     assert torch.equal(ids, rows)
     with pytest.raises(ValueError, match=r"received \[67, 67\] at row \(0, 1\)"):
         check_topk(torch.tensor([[[0, 64], [67, 67]]]), num_experts)
+
+
+@pytest.mark.parametrize("topk, message", [
+    (torch.tensor([[[0, 1], [2, 5]]]), "received 5 at index (0, 1, 1)"),
+    (torch.tensor([[[0, 1], [2, 2]]]), "received [2, 2] at row (0, 1)"),
+])
+def test_torch_validation_path_gives_the_cpu_path_messages(topk, message):
+    # The torch path validates CUDA tensors; it runs on CPU tensors too, so both paths are compared here.
+    from lrc_kernels._checks import _normalise_with_torch, check_topk
+
+    lengths = torch.tensor([2])
+    with pytest.raises(ValueError) as on_cpu:
+        check_topk(topk, 4, lengths=lengths)
+    with pytest.raises(ValueError) as with_torch:
+        _normalise_with_torch(topk, lengths, 4, "topk")
+    assert message in str(on_cpu.value) and str(with_torch.value) == str(on_cpu.value)

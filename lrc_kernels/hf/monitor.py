@@ -19,6 +19,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from lrc_kernels import basic_interval, bootstrap_indices, poisson_weights, srp_score
+from lrc_kernels.srp import weighted_sum
 from lrc_kernels._checks import check_choice, check_topk, run_backend, BACKENDS
 
 try:
@@ -67,21 +68,6 @@ def _sum_dim1(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.device.type == "cpu":
         return torch.from_numpy(tensor.numpy().sum(1))
     return tensor.sum(1)
-
-
-def _weighted_sum(weights: torch.Tensor, per_sequence: torch.Tensor) -> torch.Tensor:
-    """``out[..., b, :] = Σ_s weights[s, b] · per_sequence[..., s, :]`` for int64 inputs, exactly.
-
-    Args:
-        weights: int64 ``[S, B]``.
-        per_sequence: int64 ``[..., S, X]``.
-
-    Returns:
-        int64 ``[..., B, X]``. A float64 product is exact because every product and partial sum is an
-        integer far below 2^53, and unlike an int64 matmul it also runs on CUDA.
-    """
-    pooled = weights.to(device=per_sequence.device, dtype=torch.float64).T @ per_sequence.to(torch.float64)
-    return pooled.round().to(torch.int64)
 
 
 class RoutingMonitor:
@@ -440,10 +426,10 @@ class RoutingMonitor:
         if self.num_bootstrap:
             weights = poisson_weights(num_seqs, self.num_bootstrap, self._bootstrap_generator()).to(device)
             for key, value in per_seq.items():
-                boot = _weighted_sum(weights, value)  # [n, B, X]
+                boot = weighted_sum(weights, value.movedim(1, 0)).movedim(0, 1)  # [n, S, X] -> [n, B, X]
                 deltas[f"{key}/boot"] = boot.squeeze(-1) if key == "references" else boot
             for key, value in model_per_seq.items():
-                deltas[f"{key}/boot"] = _weighted_sum(weights, value)
+                deltas[f"{key}/boot"] = weighted_sum(weights, value)  # [S, X] -> [B, X]
         return deltas
 
     # ----------------------------------------------------------------------------------------------

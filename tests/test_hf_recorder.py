@@ -512,3 +512,20 @@ def test_lazy_exports():
         assert name in hf.__all__ and getattr(hf, name).__name__ == name
     with pytest.raises(AttributeError):
         hf.NoSuchName
+
+
+def test_each_forward_pass_replaces_the_recorded_routing():
+    model = hf_models.build_tiny_model("mixtral")
+    first, second = _inputs("mixtral", 0), _inputs("mixtral", 1)
+    second["attention_mask"][0, 3:] = 0
+    with RoutingRecorder(model) as rec, torch.no_grad():
+        model(**first)
+        routing_first, lengths_first = rec.routing(), rec.lengths()
+        assert rec.routing().keys() == routing_first.keys()
+        model(input_ids=second["input_ids"][:1], attention_mask=second["attention_mask"][:1])
+        routing_second, lengths_second = rec.routing(), rec.lengths()
+    name = rec.sites[0].name
+    assert routing_first[name].shape[0] == BATCH and routing_second[name].shape[0] == 1
+    assert lengths_first[name].tolist() == [SEQ, 5] + [SEQ] * (BATCH - 2)
+    assert lengths_second[name].tolist() == [3]
+    assert (routing_second[name][0, 3:] == -1).all() and (routing_second[name][0, :3] >= 0).all()

@@ -182,6 +182,8 @@ class RoutingRecorder:
         self._forward: Optional[_ForwardInputs] = None
         self._captures: dict[str, list] = {}
         self._router_calls: dict[str, int] = {}
+        # routing() and lengths() of one forward pass share its layouts (packed sequences cost a few scans)
+        self._last_results: Optional[dict[str, tuple[torch.Tensor, _Layout]]] = None
 
     @property
     def sites(self) -> list[RouterSite]:
@@ -215,6 +217,7 @@ class RoutingRecorder:
         self._forward = None
         self._captures = {}
         self._router_calls = {}
+        self._last_results = None
 
     def _check_recording(self, what: str) -> None:
         if self._state != "recording":
@@ -280,6 +283,7 @@ class RoutingRecorder:
         self._forward = _ForwardInputs(batch_size, masks, position_ids)
         self._captures = {}
         self._router_calls = {}
+        self._last_results = None
         self._in_forward = True
 
     def _on_model_return(self, module, args, output) -> None:
@@ -334,6 +338,8 @@ class RoutingRecorder:
         self._check_recording(what)
         if self._forward is None:
             raise RuntimeError(f"RoutingRecorder.{what}(): no forward pass of the model was recorded yet")
+        if self._last_results is not None:
+            return self._last_results
         layouts: dict[tuple[str, int], _Layout] = {}
         results = {}
         for site in self._sites:
@@ -355,6 +361,8 @@ class RoutingRecorder:
             if key not in layouts:
                 layouts[key] = self._layout(*key)
             results[site.name] = (selection, layouts[key])
+        if not self._in_forward:  # a pass still running may add routers
+            self._last_results = results
         return results
 
     def routing(self) -> dict[str, torch.Tensor]:

@@ -286,3 +286,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def assert_compiles_for_sm90(script: str) -> None:
+    """Run ``script`` (it compiles Triton kernels for sm_90 and prints "compiled") in a fresh process without
+    TRITON_INTERPRET, so the real GPU compiler runs; Triton's bundled ptxas needs no GPU."""
+    import subprocess
+    import sys
+
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]

@@ -17,6 +17,7 @@ if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton_cache = pytest.importorskip("lrc_kernels.triton.cache")
 
+from conftest import assert_compiles_for_sm90  # noqa: E402
 from reference import ref_cache_hits  # noqa: E402
 
 STACKS = [pytest.param({"stack": "registers"}, id="registers"),
@@ -201,14 +202,7 @@ def test_kernels_compile_for_sm90():
     """The interpreter accepts code the GPU compiler rejects (non-constexpr globals, loop-carried values
     changing type); compile both kernels ahead of time for an H100/H200 (sm_90) with Triton's bundled
     ptxas, no GPU needed."""
-    import subprocess
-    import sys
-
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], cwd=root, env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+    assert_compiles_for_sm90(_COMPILE_FOR_SM90)
 
 
 @pytest.mark.parametrize("launcher", ["_at_depth_register", "_at_depth_chunked"])

@@ -15,6 +15,7 @@ if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton_srp = pytest.importorskip("lrc_kernels.triton.srp")
 
+from conftest import assert_compiles_for_sm90  # noqa: E402
 from reference import ref_segment_coverage, ref_srp_counts  # noqa: E402
 
 
@@ -187,11 +188,4 @@ print("compiled")
 def test_kernels_compile_for_sm90():
     """The interpreter accepts code the GPU compiler rejects; compile both SRP kernels ahead of time for an
     H100/H200 (sm_90) with Triton's bundled ptxas, no GPU needed."""
-    import subprocess
-    import sys
-
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], cwd=root, env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+    assert_compiles_for_sm90(_COMPILE_FOR_SM90)

@@ -20,6 +20,11 @@ script also prints a component estimate: (median update + median log / log_every
 
     python bench/bench_monitor.py                 # default monitor, 60 steps of each kind
     python bench/bench_monitor.py --policies sch@16 lru lfu belady   # SCH at one look-ahead only
+    python bench/bench_monitor.py --breakdown   # also: where update's time goes, outside training
+
+``--breakdown`` records one batch and times, outside any training step, ``monitor.update`` and each piece of
+work it does for the default layout (one validation of the stacked layers; SRP histograms per L; each cache
+pass at layer level and on the model-level stream), each the median of 30 calls.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lrc_kernels._checks import check_topk, run_backend
 from lrc_kernels.hf import RoutingMonitor, RoutingRecorder
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -91,6 +97,48 @@ class Bench:
         return elapsed
 
 
+def median_ms(run, calls=30) -> float:
+    seconds = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(seconds)
+
+
+def print_breakdown(bench: Bench) -> None:
+    """Times of ``monitor.update`` and of its pieces on one recorded batch (layers of equal E and k)."""
+    monitor = bench.monitor
+    input_ids = next(bench.batches)
+    with RoutingRecorder(bench.model) as recorder, torch.no_grad():
+        bench.model(input_ids=input_ids)
+        routing, lengths = recorder.routing(), next(iter(recorder.lengths().values()))
+    layers = [routing[name] for name in monitor.layer_names]
+    num_layers, num_experts = len(layers), monitor.num_experts[0]
+    stacked = torch.cat(layers)
+    ids, stacked_lengths, _ = check_topk(stacked, num_experts, lengths=lengths.repeat(num_layers))
+    offsets = torch.arange(num_layers, dtype=ids.dtype).view(-1, 1, 1, 1) * num_experts
+    layer_ids = ids.view(num_layers, *layers[0].shape)
+    stream = torch.where(layer_ids >= 0, layer_ids + offsets, layer_ids).permute(1, 2, 0, 3)
+    stream = stream.reshape(*layers[0].shape[:2], -1).contiguous()
+
+    def cache_ms(topk, topk_lengths, slots, policy, seg_len):
+        return median_ms(lambda: run_backend("cache", "cache_hits", monitor.backend, topk, topk_lengths, slots,
+                                             policy, seg_len, monitor.free_slot_hits, monitor.lookup))
+
+    print(f"breakdown on one batch, outside training (median of 30 calls, ms): update "
+          f"{median_ms(lambda: monitor.update(routing, lengths)):.2f}; validation of the {num_layers} stacked "
+          f"layers {median_ms(lambda: check_topk(stacked, num_experts, lengths=lengths.repeat(num_layers))):.2f}")
+    print("  SRP histograms: " + ", ".join(
+        f"L={L} {median_ms(lambda: run_backend('srp', 'srp_counts', monitor.backend, ids, stacked_lengths, num_experts, L)):.2f}"
+        for L in monitor.seg_lens))
+    for name, policy, seg_len in monitor._cache_specs:
+        layer_ms = cache_ms(ids, stacked_lengths, num_experts, policy, seg_len)
+        model_ms = cache_ms(stream, lengths, num_layers * num_experts, policy, seg_len)
+        print(f"  cache {name:8s} layer level {layer_ms:.2f}, model level ({num_layers * num_experts} slots) "
+              f"{model_ms:.2f}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60, help="timed steps of each kind")
@@ -101,6 +149,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--seg-lens", type=int, nargs="+", help="RoutingMonitor seg_lens (default: its own)")
     parser.add_argument("--policies", nargs="+", help="RoutingMonitor policies, e.g. sch@16 lru (default: its own)")
+    parser.add_argument("--breakdown", action="store_true", help="also time update's pieces on one batch")
     args = parser.parse_args(argv)
     if args.steps < args.log_every:
         parser.error(f"--steps ({args.steps}) must be at least --log-every ({args.log_every}) to time a log")
@@ -147,6 +196,8 @@ def main(argv=None) -> None:
     print(f"overhead (wall) {100 * overhead:+.2f} %  (goal <= 3 %: {'met' if overhead <= 0.03 else 'missed'})")
     print(f"component estimate (median update + median log / log_every) / median plain step: "
           f"{100 * component:+.2f} %")
+    if args.breakdown:
+        print_breakdown(bench)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ once: it checks the id range, finds a repeated id in a row, and writes the int32
 each sequence's length. A bad input is then located by :func:`_first_problem`, which may branch.
 
 Repeated ids: for E <= 128 a row's ids set bits in two 64-bit registers, and the row repeats an id iff
-fewer bits are set than it has ids (one ``popcount`` per register). That is about 3x faster (10 ms against
-26-29 ms on an int32 2048 x 512 x 8 trace) than the general method, a per-expert stamp (O(k) per row, any
+fewer bits are set than it has ids (one ``popcount`` per register). That is 1.5-2.3x faster (10-14 ms against
+16-29 ms on an int32 2048 x 512 x 8 trace, bench/bench_validate.py) than the general method, a per-expert stamp (O(k) per row, any
 E, e.g. a model-level row of ``n_layers * k`` ids), which stores and reloads memory for every slot. Both
 are branch-free per slot; stopping at the first bad slot ran about twice as slow.
 """

@@ -1,0 +1,59 @@
+"""Benchmark: validation of a CPU routing tensor, the two repeated-id checks of lrc_kernels/cpu/validate.py.
+
+``check_topk`` (the validation every public CPU call runs) picks its repeated-id check by E: bit registers and
+a popcount per row for E <= 128, a per-expert stamp array above. The same ids (all below 128) are validated
+as E = 128 and as E = 129, so both checks read identical input in one run and the ratio compares them alone.
+
+Inputs: the sticky-Markov trace of bench_srp.py (S x T x k, ids of 128 experts), as int32 contiguous full length
+(checked without a copy) and as int64 (checked while written to an int32 copy). Times are the minimum of
+``--repeats`` calls, after a warm-up call.
+
+    python bench/bench_validate.py
+"""
+
+import argparse
+import os
+import sys
+import time
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
+
+from bench_srp import sticky_trace  # noqa: E402
+from lrc_kernels._checks import check_topk  # noqa: E402
+from lrc_kernels.cpu.validate import _REGISTER_CHECK_MAX_EXPERTS  # noqa: E402
+
+
+def best_seconds(run, repeats):
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sequences", type=int, default=2048)
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=9)
+    args = parser.parse_args(argv)
+
+    experts = _REGISTER_CHECK_MAX_EXPERTS
+    topk, _ = sticky_trace(args.sequences, args.tokens, experts, args.top_k, 0.9, 0)
+    print(f"trace: sticky-Markov, S={args.sequences}, T={args.tokens}, k={args.top_k}, ids of {experts} experts; "
+          f"minimum of {args.repeats} calls; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"{'input':28s} {'registers (E=128)':>18s} {'stamp (E=129)':>14s} {'stamp/registers':>16s}")
+    for label, ids in (("int32, contiguous (no copy)", topk), ("int64 (int32 copy written)", topk.long())):
+        registers = best_seconds(lambda: check_topk(ids, experts), args.repeats)
+        stamp = best_seconds(lambda: check_topk(ids, experts + 1), args.repeats)
+        print(f"{label:28s} {1e3 * registers:15.1f} ms {1e3 * stamp:11.1f} ms {stamp / registers:15.2f}x")
+
+
+if __name__ == "__main__":
+    main()

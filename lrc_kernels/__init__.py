@@ -9,11 +9,12 @@ from .cache import CacheCurve, cache_curve, cache_hits
 from .routing import concat_layers, topk_from_logits
 from .srp import (SRPScore, coverage_ratio, segment_coverage, srp, srp_counts, srp_positionwise,
                   srp_score)
+from .trace import RoutingTrace
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CacheCurve", "SRPScore", "basic_interval", "bootstrap_indices", "cache_curve", "cache_hits",
+    "CacheCurve", "RoutingTrace", "SRPScore", "basic_interval", "bootstrap_indices", "cache_curve", "cache_hits",
     "concat_layers", "coverage_ratio", "poisson_weights", "resample_weights", "segment_coverage", "srp",
     "srp_counts", "srp_positionwise", "srp_score", "topk_from_logits",
 ]

@@ -150,18 +150,18 @@ def _check_distinct_rows(ids: torch.Tensor, name: str, rows_per_chunk: int = 1 <
             raise _repeated_id_error(name, ids, row)
 
 
-def check_lengths(lengths, num_seqs: int, num_tokens: int, device) -> torch.Tensor:
+def check_lengths(lengths, num_seqs: int, num_tokens: int, device, *, name: str = "lengths") -> torch.Tensor:
     """``lengths``: optional int ``[S]`` with values in ``[0, T]``; ``None`` means every sequence has T tokens."""
     if lengths is None:
         return torch.full((num_seqs,), num_tokens, dtype=torch.int64, device=device)
-    check_int_tensor(lengths, "lengths")
+    check_int_tensor(lengths, name)
     if tuple(lengths.shape) != (num_seqs,):
-        raise ValueError(f"lengths: expected shape [S] = [{num_seqs}], received {tuple(lengths.shape)}")
+        raise ValueError(f"{name}: expected shape [S] = [{num_seqs}], received {tuple(lengths.shape)}")
     lengths = lengths.to(device=device, dtype=torch.int64).contiguous()
     out_of_range = (lengths < 0) | (lengths > num_tokens)
     if bool(out_of_range.any()):
         s = _first_index(out_of_range)[0]
-        raise ValueError(f"lengths: expected values in [0, T] = [0, {num_tokens}], "
+        raise ValueError(f"{name}: expected values in [0, T] = [0, {num_tokens}], "
                          f"received {int(lengths[s])} at index {s}")
     return lengths
 

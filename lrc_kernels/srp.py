@@ -1,7 +1,8 @@
 """SRP — Segment Routing best Performance — and static segment coverage (SPEC §2, §3, §5, §7).
 
-The data path: ``topk [S, T, k]`` -> per-sequence count histograms ``H [S, E, L+1]`` (a backend kernel)
--> pooled histograms (sums, with bootstrap weights) -> scores. Histograms are additive sufficient
+The data path: ``topk [S, T, k]`` -> per-sequence count histograms ``H [S, E, L+1]`` (a backend kernel;
+``[S, L+1]`` pooled over experts inside the kernel for layer and model level) -> pooled histograms (sums,
+with bootstrap weights) -> scores. Histograms are additive sufficient
 statistics: pool them over experts, sequences, layers or datasets by summing, then score once.
 """
 
@@ -17,6 +18,8 @@ from ._checks import check_choice, check_int, check_int_tensor, check_topk, run_
 from .bootstrap import basic_interval, bootstrap_weights, check_bootstrap_options
 
 LEVELS = ("expert", "layer", "model")
+# model level: most bytes of per-(layer, sequence) pooled histograms alive at once
+_MODEL_GROUP_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -46,8 +49,11 @@ class SRPScore:
                 for f in fields(self)}
 
 
+POOLS = (None, "experts")
+
+
 def srp_counts(topk: torch.Tensor, num_experts: int, seg_len: int, *, lengths: Optional[torch.Tensor] = None,
-               backend: str = "auto") -> torch.Tensor:
+               pool: Optional[str] = None, backend: str = "auto") -> torch.Tensor:
     """Window count histograms: ``counts[s, e, c]`` = complete windows of sequence s where e is used c times.
 
     Args:
@@ -55,18 +61,24 @@ def srp_counts(topk: torch.Tensor, num_experts: int, seg_len: int, *, lengths: O
         num_experts: E, ids lie in ``[0, E)``.
         seg_len: window length L >= 1.
         lengths: optional int ``[S]``, valid prefix length of each sequence (default T).
+        pool: ``None`` (one histogram per expert) or ``"experts"``: the kernel sums the experts' histograms as
+            it goes, so the ``[S, E, L+1]`` tensor is never built (what layer- and model-level SRP need).
         backend: ``"auto"`` (Triton for CUDA tensors, CPU path otherwise), ``"cpu"`` or ``"triton"``.
 
     Returns:
         int64 ``[S, E, L+1]`` (``[E, L+1]`` for 2-D ``topk``); ``counts[s].sum(-1) == max(T_s - L + 1, 0)``.
+        With ``pool="experts"``: int64 ``[S, L+1]`` (``[L+1]``), equal to ``counts.sum(-2)``.
 
     Example (SPEC §8 A):
-        >>> srp_counts(torch.tensor([[0], [0], [1], [2], [0], [3], [2], [1]]), 4, 2)[0].tolist()
-        [3, 3, 1]
+        >>> topk = torch.tensor([[0], [0], [1], [2], [0], [3], [2], [1]])
+        >>> srp_counts(topk, 4, 2)[0].tolist(), srp_counts(topk, 4, 2, pool="experts").tolist()
+        ([3, 3, 1], [15, 12, 1])
     """
+    check_choice(pool, "pool", POOLS)
     ids, lengths, unbatched = check_topk(topk, num_experts, lengths=lengths)
     seg_len = check_int(seg_len, "seg_len", minimum=1)
-    counts = run_backend("srp", "srp_counts", backend, ids, lengths, num_experts, seg_len)
+    kernel = "srp_counts" if pool is None else "srp_pooled_counts"
+    counts = run_backend("srp", kernel, backend, ids, lengths, num_experts, seg_len)
     return counts[0] if unbatched else counts
 
 
@@ -160,12 +172,19 @@ def _per_sequence_histograms(topk, num_experts: int, seg_len: int, level: str, l
             topk = torch.stack(list(topk))
         ids, lengths, _ = check_topk(topk, num_experts, batched_rank=4, lengths=lengths)
         num_layers, num_seqs = ids.shape[0], ids.shape[1]
-        flat = ids.reshape(num_layers * num_seqs, ids.shape[2], ids.shape[3])
-        counts = run_backend("srp", "srp_counts", backend, flat, lengths.repeat(num_layers), num_experts, seg_len)
-        return counts.view(num_layers, num_seqs, num_experts, seg_len + 1).sum(dim=(0, 2))
+        # layers x sequences are independent rows for the kernel; groups of layers bound the [rows, L+1] output
+        group = max(1, min(num_layers, _MODEL_GROUP_BYTES // max(1, num_seqs * (seg_len + 1) * 8)))
+        pooled = torch.zeros((num_seqs, seg_len + 1), dtype=torch.int64, device=ids.device)
+        for first in range(0, num_layers, group):
+            layers = ids[first:first + group]
+            rows = layers.reshape(layers.shape[0] * num_seqs, ids.shape[2], ids.shape[3])
+            counts = run_backend("srp", "srp_pooled_counts", backend, rows, lengths.repeat(layers.shape[0]),
+                                 num_experts, seg_len)
+            pooled += counts.view(layers.shape[0], num_seqs, seg_len + 1).sum(dim=0)
+        return pooled
     ids, lengths, _ = check_topk(topk, num_experts, lengths=lengths)
-    counts = run_backend("srp", "srp_counts", backend, ids, lengths, num_experts, seg_len)
-    return counts if level == "expert" else counts.sum(dim=1)
+    kernel = "srp_counts" if level == "expert" else "srp_pooled_counts"
+    return run_backend("srp", kernel, backend, ids, lengths, num_experts, seg_len)
 
 
 def weighted_sum(weights: torch.Tensor, per_sequence: torch.Tensor) -> torch.Tensor:

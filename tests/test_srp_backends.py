@@ -60,6 +60,10 @@ def check_srp_counts(trace, backend):
     counts = call_backend(lrc_kernels.srp_counts, topk, num_experts, seg_len, lengths=lengths, backend=backend)
     assert counts.dtype == torch.int64
     assert torch.equal(counts, expected)
+    pooled = call_backend(lrc_kernels.srp_counts, topk, num_experts, seg_len, lengths=lengths, pool="experts",
+                          backend=backend)
+    assert pooled.dtype == torch.int64
+    assert torch.equal(pooled, expected.sum(1))
 
 
 def check_segment_coverage(trace, backend):

@@ -169,7 +169,7 @@ from triton.compiler import ASTSource
 from lrc_kernels.triton import srp
 
 common = {"topk_ptr": "*i32", "lengths_ptr": "*i64", "num_sequences": "i32", "max_tokens": "i32",
-          "num_slots": "i32", "num_experts": "i32", "seg_len": "i32",
+          "num_slots": "i32", "num_experts": "i32", "seg_len": "i32", "row_stride": "i32", "expert_stride": "i32",
           "BLOCK_S": "constexpr", "BLOCK_E": "constexpr", "BLOCK_K": "constexpr"}
 kernels = [(srp._srp_counts_kernel, {**common, "counts_ptr": "*i64"}),
            (srp._segment_coverage_kernel, {**common, "coverage_ptr": "*i64"})]

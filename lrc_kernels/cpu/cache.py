@@ -27,6 +27,8 @@ import numba
 import numpy as np
 import torch
 
+from .parallel import run_sliced
+
 _LFU, _BELADY, _SCH = 0, 1, 2
 _STACK_POLICY_CODES = {"lfu": _LFU, "belady": _BELADY, "sch": _SCH}
 _PAIR_SHIFT = 1 << 32
@@ -42,7 +44,7 @@ def _used_after(last_use, time):
 
 
 @numba.njit(cache=True, nogil=True)
-def _lru_depth_hits(topk, lengths, num_experts, free_slot_hits, sequential, hits):
+def _lru_depth_hits(topk, lengths, hits, num_experts, free_slot_hits, sequential):
     num_sequences, _, num_slots = topk.shape
     last_use = np.empty(num_experts, np.int64)  # -1: not seen yet, so never counted as used after anything
     at_depth = np.empty(num_experts, np.int64)
@@ -88,7 +90,7 @@ def _lru_depth_hits(topk, lengths, num_experts, free_slot_hits, sequential, hits
 
 
 @numba.njit(cache=True, nogil=True)
-def _stack_depth_hits(topk, lengths, num_experts, policy, seg_len, free_slot_hits, sequential, hits):
+def _stack_depth_hits(topk, lengths, hits, num_experts, policy, seg_len, free_slot_hits, sequential):
     num_sequences, _, num_slots = topk.shape
     stack = np.zeros(num_experts, np.int64)
     stack_key = np.zeros(num_experts, np.int64)
@@ -219,11 +221,14 @@ def cache_hits(topk, lengths, num_experts, policy, seg_len, free_slot_hits, look
     topk = np.ascontiguousarray(topk.numpy())
     lengths = np.ascontiguousarray(lengths.numpy())
     hits = np.zeros((num_sequences, num_experts), np.int64)
+    work = num_sequences * num_tokens * num_slots
     if policy == "lru":
-        _lru_depth_hits(topk, lengths, num_experts, bool(free_slot_hits), lookup == "sequential", hits)
+        run_sliced(_lru_depth_hits, (topk, lengths, hits),
+                   (num_experts, bool(free_slot_hits), lookup == "sequential"), work)
     else:
         # the look-ahead never reaches past T, so clipping L keeps i + L from overflowing int64
         look_ahead = min(seg_len, num_tokens + 1) if policy == "sch" else 0
-        _stack_depth_hits(topk, lengths, num_experts, _STACK_POLICY_CODES[policy], look_ahead,
-                          bool(free_slot_hits), lookup == "sequential", hits)
+        run_sliced(_stack_depth_hits, (topk, lengths, hits),
+                   (num_experts, _STACK_POLICY_CODES[policy], look_ahead, bool(free_slot_hits),
+                    lookup == "sequential"), work)
     return torch.from_numpy(hits)

@@ -3,7 +3,9 @@
 Both metrics are functions of the stride-1 window counts ``C[s, w, e]``. Instead of materialising them, each
 sequence is swept once: the window slides one token at a time, which changes at most ``2k`` counts, and a
 quantity that changes at window ``w`` is credited with the number of windows it held its old value
-(``w - since``). Work per sequence is O(T_s·k + E + L) beyond zeroing the output; extra memory is O(E + L).
+(``w - since``). Work per sequence is O(T_s·k + E + L) beyond zeroing the output; extra memory is O(E + L). Pooled over
+experts (``srp_pooled_counts``), the credits go straight to one ``[L+1]`` row per sequence, so the
+``[S, E, L+1]`` histograms never exist. Sequences run in parallel slices (``parallel.run_sliced``).
 
 Inputs are validated by the public API layer (CONTRACT.md): ``topk`` is int32, contiguous, ``[S, T, k]``
 with ids in ``[-1, E)`` and no repeated valid id in a row; ``lengths`` is int64 ``[S]`` with values in
@@ -15,11 +17,13 @@ import numba
 import numpy as np
 import torch
 
+from .parallel import run_sliced
+
 
 @numba.njit(cache=True, nogil=True)
-def _srp_histograms(topk, lengths, seg_len, histograms):
+def _srp_histograms(topk, lengths, histograms, num_experts, seg_len, expert_stride):
+    # histograms[s, e * expert_stride + c]: stride L+1 keeps one histogram per expert, stride 0 pools them
     num_sequences, _, num_slots = topk.shape
-    num_experts = histograms.shape[1]
     count = np.zeros(num_experts, np.int64)
     # window index from which each expert has held its current count
     since = np.zeros(num_experts, np.int64)
@@ -38,27 +42,26 @@ def _srp_histograms(topk, lengths, seg_len, histograms):
             for j in range(num_slots):
                 e = topk[s, w - 1, j]
                 if e >= 0:
-                    histograms[s, e, count[e]] += w - since[e]
+                    histograms[s, e * expert_stride + count[e]] += w - since[e]
                     since[e] = w
                     count[e] -= 1
             for j in range(num_slots):
                 e = topk[s, w + seg_len - 1, j]
                 if e >= 0:
-                    histograms[s, e, count[e]] += w - since[e]
+                    histograms[s, e * expert_stride + count[e]] += w - since[e]
                     since[e] = w
                     count[e] += 1
         for e in range(num_experts):
-            histograms[s, e, count[e]] += num_windows - since[e]
+            histograms[s, e * expert_stride + count[e]] += num_windows - since[e]
 
 
 @numba.njit(cache=True, nogil=True)
-def _coverage(topk, lengths, seg_len, coverage):
+def _coverage(topk, lengths, coverage, num_experts, seg_len):
     # The sum of the m largest counts of a window equals sum_{c=1..L} min(n_c, m), where n_c is the number
     # of experts with count >= c. So cov[m-1] = sum_{j<m} #{(w, c) : n_c(w) > j}, which only needs
     # windows_with[v] = #{(w, c) : n_c(w) = v}. A count moving a -> a+1 raises n_{a+1}, a -> a-1 lowers n_a:
     # one n_c per count change, credited over time like the SRP histograms.
     num_sequences, _, num_slots = topk.shape
-    num_experts = coverage.shape[1]
     count = np.zeros(num_experts, np.int64)
     experts_at_least = np.zeros(seg_len + 1, np.int64)
     since = np.zeros(seg_len + 1, np.int64)
@@ -106,6 +109,10 @@ def _coverage(topk, lengths, seg_len, coverage):
             pairs_above -= windows_with[m]
 
 
+def _work(topk: torch.Tensor) -> int:
+    return topk.shape[0] * topk.shape[1] * topk.shape[2]
+
+
 def srp_counts(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int, seg_len: int) -> torch.Tensor:
     """Per-sequence, per-expert histograms of window counts.
 
@@ -126,9 +133,30 @@ def srp_counts(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int, seg_
     """
     # np.zeros gets pre-zeroed pages from the OS on demand; for large L most of [S, E, L+1] is never
     # written, and torch.zeros would spend more time clearing it than the sweep takes.
-    histograms = np.zeros((topk.shape[0], num_experts, seg_len + 1), dtype=np.int64)
-    _srp_histograms(topk.numpy(), lengths.numpy(), seg_len, histograms)
-    return torch.from_numpy(histograms)
+    histograms = np.zeros((topk.shape[0], num_experts * (seg_len + 1)), dtype=np.int64)
+    run_sliced(_srp_histograms, (topk.numpy(), lengths.numpy(), histograms),
+               (num_experts, seg_len, seg_len + 1), _work(topk))
+    return torch.from_numpy(histograms).view(topk.shape[0], num_experts, seg_len + 1)
+
+
+def srp_pooled_counts(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int, seg_len: int) -> torch.Tensor:
+    """Per-sequence histograms of window counts pooled over experts, without the per-expert histograms.
+
+    Args:
+        topk, lengths, num_experts, seg_len: as in :func:`srp_counts`.
+
+    Returns:
+        int64 ``[S, L+1]``, equal to ``srp_counts(...).sum(1)``: entry ``[s, c]`` is the number of (complete
+        window, expert) pairs of sequence s where the expert occurs in exactly c rows.
+
+    Example:
+        >>> topk = torch.tensor([[[0], [0], [1], [2], [0], [3], [2], [1]]], dtype=torch.int32)
+        >>> srp_pooled_counts(topk, torch.tensor([8]), 4, 2).tolist()
+        [[15, 12, 1]]
+    """
+    pooled = np.zeros((topk.shape[0], seg_len + 1), dtype=np.int64)
+    run_sliced(_srp_histograms, (topk.numpy(), lengths.numpy(), pooled), (num_experts, seg_len, 0), _work(topk))
+    return torch.from_numpy(pooled)
 
 
 def segment_coverage(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int, seg_len: int) -> torch.Tensor:
@@ -150,5 +178,5 @@ def segment_coverage(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int
         [[8, 14, 14, 14]]
     """
     coverage = torch.zeros((topk.shape[0], num_experts), dtype=torch.int64)
-    _coverage(topk.numpy(), lengths.numpy(), seg_len, coverage.numpy())
+    run_sliced(_coverage, (topk.numpy(), lengths.numpy(), coverage.numpy()), (num_experts, seg_len), _work(topk))
     return coverage

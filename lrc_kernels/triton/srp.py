@@ -9,7 +9,8 @@ chunks of ``BLOCK_K`` slots. Work per token is a fixed number of vector operatio
 
 ``srp_counts``: a count that changes at window w held its old value for windows ``since..w-1``, so that many
 windows are credited to ``H[s, e, old]`` with an int64 atomic add (only changed lanes with a non-zero
-credit issue one), and a final pass credits every expert's last count up to ``W_s``. Experts are split
+credit issue one), and a final pass credits every expert's last count up to ``W_s``. ``srp_pooled_counts``
+runs the same kernel with expert stride 0, so every expert of a sequence credits one ``[L+1]`` row. Experts are split
 across a second grid axis in chunks of at most ``_MAX_SRP_EXPERT_LANES`` lanes, so any E is supported.
 
 ``segment_coverage``: the program keeps, per sequence, ``top[m-1]`` = sum of the m largest counts of the
@@ -40,7 +41,8 @@ _MAX_ONE_HOT_LANES = 4096
 
 @triton.jit
 def _srp_counts_kernel(topk_ptr, lengths_ptr, counts_ptr, num_sequences, max_tokens, num_slots, num_experts,
-                       seg_len, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+                       seg_len, row_stride, expert_stride, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
     sequences = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     sequence_ok = sequences < num_sequences
     sequences = sequences.to(tl.int64)
@@ -53,7 +55,8 @@ def _srp_counts_kernel(topk_ptr, lengths_ptr, counts_ptr, num_sequences, max_tok
     lengths = tl.where(lengths >= seg_len, lengths, 0)
     num_windows = lengths - seg_len + 1
 
-    hist_rows = counts_ptr + (sequences[:, None] * num_experts + experts[None, :]) * (seg_len + 1)
+    # strides (E·(L+1), L+1): one histogram per expert, [S, E, L+1]; (L+1, 0): pooled over experts, [S, L+1]
+    hist_rows = counts_ptr + sequences[:, None] * row_stride + experts[None, :] * expert_stride
     count = tl.zeros([BLOCK_S, BLOCK_E], dtype=tl.int32)
     since = tl.zeros([BLOCK_S, BLOCK_E], dtype=tl.int64)
     for t in range(0, tl.max(lengths, axis=0)):
@@ -166,6 +169,27 @@ def _num_warps(state_lanes: int) -> int:
     return 4 if state_lanes <= 512 else 8
 
 
+def _launch_srp_counts(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int, seg_len: int,
+                       counts: torch.Tensor, expert_stride: int) -> torch.Tensor:
+    num_sequences, max_tokens, num_slots = topk.shape
+    if num_sequences == 0 or max_tokens < seg_len:
+        return counts
+    if num_slots == 0:
+        # every window counts 0 for every expert; an empty topk may have no storage to hand to a kernel
+        windows = (lengths - seg_len + 1).clamp(min=0)
+        counts[..., 0] = windows[:, None] if expert_stride else windows * num_experts
+        return counts
+    block_e = min(triton.next_power_of_2(num_experts), _MAX_SRP_EXPERT_LANES)
+    expert_blocks = triton.cdiv(num_experts, block_e)
+    block_s = _sequence_block(num_sequences, block_e, expert_blocks, topk.device)
+    block_k = _slot_block(num_slots, block_s * block_e)
+    grid = (triton.cdiv(num_sequences, block_s), expert_blocks)
+    _srp_counts_kernel[grid](topk, lengths, counts, num_sequences, max_tokens, num_slots, num_experts, seg_len,
+                             counts.stride(0), expert_stride, BLOCK_S=block_s, BLOCK_E=block_e, BLOCK_K=block_k,
+                             num_warps=_num_warps(block_s * block_e))
+    return counts
+
+
 def srp_counts(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int, seg_len: int) -> torch.Tensor:
     """Per-sequence, per-expert histograms of window counts (SPEC section 2).
 
@@ -181,23 +205,21 @@ def srp_counts(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int, seg_
         sequence s in which expert e occurs in exactly c rows. Each ``[s, e]`` row sums to
         ``max(lengths[s] - L + 1, 0)``.
     """
-    num_sequences, max_tokens, num_slots = topk.shape
-    counts = torch.zeros((num_sequences, num_experts, seg_len + 1), dtype=torch.int64, device=topk.device)
-    if num_sequences == 0 or max_tokens < seg_len:
-        return counts
-    if num_slots == 0:
-        # every window counts 0 for every expert; an empty topk may have no storage to hand to a kernel
-        counts[:, :, 0] = (lengths - seg_len + 1).clamp(min=0)[:, None]
-        return counts
-    block_e = min(triton.next_power_of_2(num_experts), _MAX_SRP_EXPERT_LANES)
-    expert_blocks = triton.cdiv(num_experts, block_e)
-    block_s = _sequence_block(num_sequences, block_e, expert_blocks, topk.device)
-    block_k = _slot_block(num_slots, block_s * block_e)
-    grid = (triton.cdiv(num_sequences, block_s), expert_blocks)
-    _srp_counts_kernel[grid](topk, lengths, counts, num_sequences, max_tokens, num_slots, num_experts, seg_len,
-                             BLOCK_S=block_s, BLOCK_E=block_e, BLOCK_K=block_k,
-                             num_warps=_num_warps(block_s * block_e))
-    return counts
+    counts = torch.zeros((topk.shape[0], num_experts, seg_len + 1), dtype=torch.int64, device=topk.device)
+    return _launch_srp_counts(topk, lengths, num_experts, seg_len, counts, seg_len + 1)
+
+
+def srp_pooled_counts(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int, seg_len: int) -> torch.Tensor:
+    """Per-sequence histograms of window counts pooled over experts; the per-expert ones never exist.
+
+    Args:
+        topk, lengths, num_experts, seg_len: as in :func:`srp_counts`.
+
+    Returns:
+        int64 ``[S, L+1]`` on topk's device, equal to ``srp_counts(...).sum(1)``.
+    """
+    counts = torch.zeros((topk.shape[0], seg_len + 1), dtype=torch.int64, device=topk.device)
+    return _launch_srp_counts(topk, lengths, num_experts, seg_len, counts, 0)
 
 
 def segment_coverage(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int, seg_len: int) -> torch.Tensor:

@@ -7,6 +7,9 @@ Importing this package is cheap: it neither imports transformers or triton nor i
 from .bootstrap import basic_interval, bootstrap_indices, poisson_weights, resample_weights
 from .cache import CacheCurve, cache_curve, cache_hits
 from .cpu.parallel import get_num_threads, set_num_threads
+from .plan import (allocate_cache, best_hits_by_budget, cache_knee, cache_regret, cache_size_for, split_hits,
+                   uniform_split)
+from .plan_bytes import ExpertSize, SplitCost, expert_size, slots_for_gib, split_cost
 from .routing import concat_layers, topk_from_logits
 from .srp import (SRPScore, coverage_ratio, segment_coverage, srp, srp_counts, srp_positionwise,
                   srp_score)
@@ -15,8 +18,9 @@ from .trace import RoutingTrace
 __version__ = "0.1.0"
 
 __all__ = [
-    "CacheCurve", "RoutingTrace", "SRPScore", "basic_interval", "bootstrap_indices", "cache_curve", "cache_hits",
-    "concat_layers", "coverage_ratio", "get_num_threads", "poisson_weights", "resample_weights",
-    "segment_coverage", "set_num_threads", "srp", "srp_counts", "srp_positionwise", "srp_score",
-    "topk_from_logits",
+    "CacheCurve", "ExpertSize", "RoutingTrace", "SRPScore", "SplitCost", "allocate_cache", "basic_interval",
+    "best_hits_by_budget", "bootstrap_indices", "cache_curve", "cache_hits", "cache_knee", "cache_regret",
+    "cache_size_for", "concat_layers", "coverage_ratio", "expert_size", "get_num_threads", "poisson_weights",
+    "resample_weights", "segment_coverage", "set_num_threads", "slots_for_gib", "split_cost", "split_hits", "srp",
+    "srp_counts", "srp_positionwise", "srp_score", "topk_from_logits", "uniform_split",
 ]

@@ -4,6 +4,7 @@ Importing this package is cheap: it neither imports transformers or triton nor i
 (numba CPU loops, Triton kernels) load on first use; Hugging Face glue lives in :mod:`lrc_kernels.hf`.
 """
 
+from .analyze import Statistics, analyze, collect_statistics
 from .bootstrap import basic_interval, bootstrap_indices, poisson_weights, resample_weights
 from .cache import CacheCurve, cache_curve, cache_hits
 from .cpu.parallel import get_num_threads, set_num_threads
@@ -18,9 +19,10 @@ from .trace import RoutingTrace
 __version__ = "0.1.0"
 
 __all__ = [
-    "CacheCurve", "ExpertSize", "RoutingTrace", "SRPScore", "SplitCost", "allocate_cache", "basic_interval",
-    "best_hits_by_budget", "bootstrap_indices", "cache_curve", "cache_hits", "cache_knee", "cache_regret",
-    "cache_size_for", "concat_layers", "coverage_ratio", "expert_size", "get_num_threads", "poisson_weights",
-    "resample_weights", "segment_coverage", "set_num_threads", "slots_for_gib", "split_cost", "split_hits", "srp",
-    "srp_counts", "srp_positionwise", "srp_score", "topk_from_logits", "uniform_split",
+    "CacheCurve", "ExpertSize", "RoutingTrace", "SRPScore", "SplitCost", "Statistics", "allocate_cache",
+    "analyze", "basic_interval", "best_hits_by_budget", "bootstrap_indices", "cache_curve", "cache_hits",
+    "cache_knee", "cache_regret", "cache_size_for", "collect_statistics", "concat_layers", "coverage_ratio",
+    "expert_size", "get_num_threads", "poisson_weights", "resample_weights", "segment_coverage",
+    "set_num_threads", "slots_for_gib", "split_cost", "split_hits", "srp", "srp_counts", "srp_positionwise",
+    "srp_score", "topk_from_logits", "uniform_split",
 ]

@@ -115,6 +115,24 @@ def cache_curve(topk: torch.Tensor, num_experts: int, policy: str, *, seg_len: O
     num_bootstrap, confidence = check_bootstrap_options(num_bootstrap, confidence, weights)
     ids, hits, _ = _hits(topk, num_experts, policy, seg_len, lengths, free_slot_hits, lookup, backend)
     num_references = (ids >= 0).sum(dim=(1, 2)).to(torch.int64)
+    if num_bootstrap > 0 or weights is not None:
+        weights = bootstrap_weights(ids.shape[0], num_bootstrap, confidence, generator, weights)
+    return curve_from_hits(hits, num_references, weights, confidence)
+
+
+def curve_from_hits(hits: torch.Tensor, num_references: torch.Tensor, weights: Optional[torch.Tensor] = None,
+                    confidence: float = 0.95) -> CacheCurve:
+    """The :class:`CacheCurve` of per-sequence hits, with the basic bootstrap CI of ``weights``.
+
+    Trusted internal of :func:`cache_curve` and :func:`lrc_kernels.analyze` (inputs are not validated again).
+
+    Args:
+        hits: int64 ``[S, E]`` from :func:`cache_hits`.
+        num_references: int64 ``[S]``, valid references ``N_s`` of each sequence.
+        weights: int64 ``[S, B]`` bootstrap multiplicities, or ``None`` for no CI.
+        confidence: CI level.
+    """
+    num_experts = hits.shape[-1]
     has_refs = num_references > 0
     rates = hits.to(torch.float64) / num_references.clamp_min(1).to(torch.float64)[:, None]
     rates = torch.where(has_refs[:, None], rates, 0.0)
@@ -123,9 +141,8 @@ def cache_curve(topk: torch.Tensor, num_experts: int, policy: str, *, seg_len: O
                                                           device=hits.device)
     curve = CacheCurve(hit_rate=hit_rate, references=int(num_references.sum()), hits=hits,
                        num_references=num_references)
-    if num_bootstrap == 0 and weights is None:
+    if weights is None:
         return curve
-    weights = bootstrap_weights(ids.shape[0], num_bootstrap, confidence, generator, weights)
     weights = weights.to(device=hits.device, dtype=torch.float64) * has_refs[:, None]
     replicates = (weights.T @ rates) / weights.sum(0)[:, None]          # [B, E]; 0/0 = NaN marks no draw
     low, high = basic_interval(hit_rate, replicates.T, confidence)

@@ -77,5 +77,6 @@ def concat_layers(topk_layers: Union[torch.Tensor, Sequence[torch.Tensor]], num_
     offsets = torch.arange(num_layers, device=stacked.device, dtype=torch.int64) * num_experts
     ids = stacked.to(torch.int64)
     stream = torch.where(ids >= 0, ids + offsets[:, None, None, None], ids)
-    stream = stream.permute(1, 2, 0, 3).reshape(stream.shape[1], stream.shape[2], -1)
+    # Explicit sizes: reshape cannot infer -1 for an empty trace (T = 0).
+    stream = stream.permute(1, 2, 0, 3).reshape(stream.shape[1], stream.shape[2], num_layers * stream.shape[3])
     return stream[0] if unbatched else stream

@@ -231,10 +231,25 @@ def srp(topk: Union[torch.Tensor, Sequence[torch.Tensor]], num_experts: int, seg
     seg_len = check_int(seg_len, "seg_len", minimum=1)
     num_bootstrap, confidence = check_bootstrap_options(num_bootstrap, confidence, weights)
     per_sequence = _per_sequence_histograms(topk, num_experts, seg_len, level, lengths, backend)
+    if num_bootstrap > 0 or weights is not None:
+        weights = bootstrap_weights(per_sequence.shape[0], num_bootstrap, confidence, generator, weights)
+    return score_sequences(per_sequence, weights, confidence)
+
+
+def score_sequences(per_sequence: torch.Tensor, weights: Optional[torch.Tensor] = None,
+                    confidence: float = 0.95) -> SRPScore:
+    """Score per-sequence histograms pooled over sequences, with the basic bootstrap CI of ``weights``.
+
+    Trusted internal of :func:`srp` and :func:`lrc_kernels.analyze` (inputs are not validated again).
+
+    Args:
+        per_sequence: int64 ``[S, ..., L+1]``, one histogram (or one per expert) per sequence.
+        weights: int64 ``[S, B]`` bootstrap multiplicities, or ``None`` for no CI.
+        confidence: CI level.
+    """
     score = srp_score(per_sequence.sum(0))
-    if num_bootstrap == 0 and weights is None:
+    if weights is None:
         return score
-    weights = bootstrap_weights(per_sequence.shape[0], num_bootstrap, confidence, generator, weights)
     replicates = srp_score(weighted_sum(weights, per_sequence)).best_f1.movedim(0, -1)
     low, high = basic_interval(score.best_f1, replicates, confidence)
     return SRPScore(score.best_f1, score.threshold, score.best_m, score.act_r, score.support, low, high)

@@ -8,7 +8,9 @@ from typing import Optional
 
 import torch
 
-from .report import Routing, UsageError
+from lrc_kernels.trace import RoutingTrace
+
+from .report import UsageError
 
 DATA_DIR = pathlib.Path(__file__).resolve().parent.parent / "data"
 DEFAULT_MODEL_DIR = DATA_DIR / "tiny_moe"
@@ -87,11 +89,12 @@ def _progress(total: int, enabled: bool):
 
 
 def record_routing(model, input_ids: torch.Tensor, batch_size: int, *, stage: Optional[str] = None,
-                   progress: bool = True) -> Routing:
+                   progress: bool = True):
     """Run ``model`` over ``input_ids [S, T]`` in batches and stack the recorded top-k of one stack's routers.
 
     Returns:
-        :class:`Routing` with ``topk`` int64 ``[n_layers, S, T, k]``, layers ordered by ``RouterSite.layer``.
+        a :class:`lrc_kernels.RoutingTrace` with ``topk`` int64 ``[n_layers, S, T, k]``, layers ordered by
+        ``RouterSite.layer`` and named by their router modules.
     """
     from lrc_kernels.hf.recorder import RoutingRecorder
 
@@ -125,5 +128,4 @@ def record_routing(model, input_ids: torch.Tensor, batch_size: int, *, stage: Op
         raise UsageError(f"the layers have different (num_experts, top_k): {sorted(shapes)}; "
                          "a model-level stream needs equal values")
     topk = torch.stack(layer_topk)
-    return Routing(topk=topk, num_experts=chosen[0].num_experts, layers=[site.layer for site in chosen],
-                   names=[site.name for site in chosen])
+    return RoutingTrace(topk, num_experts=chosen[0].num_experts, layer_names=[site.name for site in chosen])

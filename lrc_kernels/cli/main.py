@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 from lrc_kernels.bootstrap import bootstrap_indices
 
-from .report import UsageError, compute_report, summary_table, write_results
+from .report import UsageError, summary_table, write_results
 
 PROG = "lrc-kernels"
 DEFAULT_SEG_LENS = (4, 16, 64)
@@ -44,6 +44,10 @@ def _add_report_options(parser: argparse.ArgumentParser, *, num_bootstrap: int =
                         help="bootstrap replicates over sequences for the CIs, 0 = none (default: %(default)s)")
     parser.add_argument("--confidence", type=float, default=0.95, help="CI level (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap weights (default: %(default)s)")
+    parser.add_argument("--phase", choices=("all", "prefill", "decode"), default="all",
+                        help="tokens to report: all, or only the prompt (prefill) or generated (decode) tokens of "
+                             "each sequence; 'all' on a generated workload adds prefill and decode rows "
+                             "(default: %(default)s)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("lrc_report"), metavar="DIR",
                         help="output directory (default: %(default)s)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -91,35 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_report(routing, args, meta: dict, started: float) -> int:
-    from lrc_kernels import __version__
+def _run_report(trace, args, meta: dict, started: float) -> int:
+    from lrc_kernels.analyze import analyze
 
-    results = compute_report(routing, args.seg_lens, num_bootstrap=args.num_bootstrap,
-                             confidence=args.confidence, seed=args.seed)
-    top_k = routing.topk.shape[-1]
-    meta.update({
-        "lrc_kernels": __version__,
-        "num_layers": routing.topk.shape[0],
-        "num_sequences": routing.topk.shape[1],
-        "seq_len": routing.topk.shape[2],
-        "references": int((routing.topk >= 0).sum()),
-        "num_experts": routing.num_experts,
-        "top_k": top_k,
-        "layer_names": routing.names,
-        "seg_lens": list(args.seg_lens),
-        "num_bootstrap": args.num_bootstrap,
-        "confidence": args.confidence,
-        "seed": args.seed,
-        "seconds": round(time.perf_counter() - started, 2),
-    })
-    results["meta"] = meta
+    results = analyze(trace, seg_lens=args.seg_lens, num_bootstrap=args.num_bootstrap,
+                      confidence=args.confidence, seed=args.seed, phase=args.phase)
+    results["meta"].update(meta)
+    results["meta"]["seconds"] = round(time.perf_counter() - started, 2)
     paths = write_results(results, args.out)
     if not args.no_plots:
         from .plots import write_plots
 
-        paths += write_plots(results, top_k, args.out, meta.get("title", ""))
+        paths += write_plots(results, trace.top_k, args.out, meta.get("title", ""))
     if not args.quiet:
-        print(summary_table(results, top_k))
+        print(summary_table(results, trace.top_k))
         print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0
 
@@ -151,7 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .analyze import SAMPLE_TEXT
 
             args.model, args.text, args.device, args.stage = "default", SAMPLE_TEXT, "cpu", None
-            args.seg_lens, args.confidence, args.seed = list(DEFAULT_SEG_LENS), 0.95, 0
+            args.seg_lens, args.confidence, args.seed, args.phase = list(DEFAULT_SEG_LENS), 0.95, 0, "all"
             for name, value in DEMO_SETTINGS.items():
                 setattr(args, name, value)
             args.command = "analyze"
@@ -162,11 +151,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _analyze(args, started)
         from .trace import load_trace
 
+        from lrc_kernels.trace import RoutingTrace
+
         routing = load_trace(args.file, args.num_experts)
+        trace = RoutingTrace(routing.topk, routing.lengths, num_experts=routing.num_experts,
+                             layer_names=routing.names)
         meta = {"command": "trace", "trace": str(args.file), "title": args.file.name}
         if routing.lengths is not None:
             meta["lengths"] = routing.lengths.tolist()
-        return _run_report(routing, args, meta, started)
+        return _run_report(trace, args, meta, started)
     except (UsageError, ValueError, TypeError, OSError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"{PROG}: error: {message}", file=sys.stderr)

@@ -1,8 +1,6 @@
-"""The report shared by ``analyze``, ``trace`` and ``demo``: metrics of recorded routing, results.json and CSV.
+"""The files and table shared by ``analyze``, ``trace`` and ``demo``: results.json, CSV and the text summary.
 
-Every layer, every segment length L and every cache policy is scored against one bootstrap weight matrix,
-so a sequence has the same multiplicity everywhere and differences between layers, L and policies are
-paired (SPEC §3, "Joint resampling").
+The numbers come from :func:`lrc_kernels.analyze`; this module only writes and prints them.
 """
 
 from __future__ import annotations
@@ -11,17 +9,15 @@ import csv
 import json
 import math
 import pathlib
-from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Optional
 
 import torch
 
-import lrc_kernels
-from lrc_kernels.bootstrap import resample_weights
+from lrc_kernels.analyze import CURVE_FIELDS
+from lrc_kernels.srp import SRPScore
 
-SRP_FIELDS = ("best_f1", "threshold", "best_m", "act_r", "support", "ci_low", "ci_high")
-CURVE_FIELDS = ("hit_rate", "ci_low", "ci_high")
-DYNAMIC_POLICIES = ("lru", "lfu", "belady")
+SRP_FIELDS = tuple(f.name for f in fields(SRPScore))
 
 
 class UsageError(ValueError):
@@ -45,78 +41,6 @@ class Routing:
     layers: list
     lengths: Optional[torch.Tensor] = None
     names: list = field(default_factory=list)
-
-
-def _score_dict(score) -> dict:
-    values = {}
-    for name in SRP_FIELDS:
-        value = getattr(score, name)
-        values[name] = None if value is None else value.item()
-    return values
-
-
-def _curve_dict(curve) -> dict:
-    return {name: (None if getattr(curve, name) is None else getattr(curve, name).tolist()) for name in CURVE_FIELDS}
-
-
-def _stream_report(topk: torch.Tensor, num_experts: int, seg_lens: Sequence[int], lengths, weights,
-                   confidence: float, srp_topk=None, srp_num_experts=None, srp_level: str = "layer") -> dict:
-    """SRP, cache curves and coverage of one reference stream ``topk [S, T, k]`` with ``num_experts`` slots.
-
-    ``srp_topk``/``srp_num_experts``/``srp_level`` let the model level pool the per-layer histograms
-    (``[n, S, T, k]`` with E experts each, level ``"model"``) while its cache curves and coverage run on the
-    concatenated stream of ``n·E`` slots.
-    """
-    srp_input = topk if srp_topk is None else srp_topk
-    srp_experts = num_experts if srp_num_experts is None else srp_num_experts
-    bootstrap = {"weights": weights, "confidence": confidence} if weights is not None else {}
-    srp_scores, cache, coverage = {}, {}, {}
-    for seg_len in seg_lens:
-        score = lrc_kernels.srp(srp_input, srp_experts, seg_len, level=srp_level, lengths=lengths, **bootstrap)
-        srp_scores[str(seg_len)] = _score_dict(score)
-        curve = lrc_kernels.cache_curve(topk, num_experts, "sch", seg_len=seg_len, lengths=lengths, **bootstrap)
-        cache[f"sch@{seg_len}"] = _curve_dict(curve)
-        counts = lrc_kernels.segment_coverage(topk, num_experts, seg_len, lengths=lengths)
-        coverage[str(seg_len)] = lrc_kernels.coverage_ratio(counts).tolist()
-    for policy in DYNAMIC_POLICIES:
-        cache[policy] = _curve_dict(lrc_kernels.cache_curve(topk, num_experts, policy, lengths=lengths, **bootstrap))
-    return {"srp": srp_scores, "cache": cache, "coverage": coverage}
-
-
-def compute_report(routing: Routing, seg_lens: Sequence[int], *, num_bootstrap: int = 0, confidence: float = 0.95,
-                   seed: int = 0, progress=None) -> dict:
-    """Per-layer and model-level SRP, cache curves (SCH at every L, LRU, LFU, Belady) and segment coverage.
-
-    Args:
-        routing: the recorded routing.
-        seg_lens: segment lengths L (each >= 1).
-        num_bootstrap: B bootstrap replicates over sequences (0 = no CI).
-        confidence: CI level.
-        seed: seed of the one weight matrix ``[S, B]`` shared by every layer, L and policy.
-        progress: optional callable ``(done, total)`` called after each layer and after the model level.
-
-    Returns:
-        ``{"layers": [...], "model": {...}}`` in the results.json layout (NaN still float NaN).
-    """
-    topk, num_experts, lengths = routing.topk, routing.num_experts, routing.lengths
-    num_layers, num_seqs = topk.shape[0], topk.shape[1]
-    weights = None
-    if num_bootstrap > 0:
-        lrc_kernels.bootstrap_indices(num_bootstrap, confidence)
-        weights = resample_weights(num_seqs, num_bootstrap, torch.Generator().manual_seed(seed))
-    layers = []
-    for index in range(num_layers):
-        entry = {"layer": routing.layers[index]}
-        entry.update(_stream_report(topk[index], num_experts, seg_lens, lengths, weights, confidence))
-        layers.append(entry)
-        if progress is not None:
-            progress(index + 1, num_layers + 1)
-    stream = lrc_kernels.concat_layers(topk, num_experts)
-    model = _stream_report(stream, num_layers * num_experts, seg_lens, lengths, weights, confidence,
-                           srp_topk=topk, srp_num_experts=num_experts, srp_level="model")
-    if progress is not None:
-        progress(num_layers + 1, num_layers + 1)
-    return {"layers": layers, "model": model}
 
 
 def _nan_to_null(value):
@@ -174,14 +98,20 @@ def _format(value: Optional[float], digits: int = 3) -> str:
 
 
 def summary_table(results: dict, top_k: int) -> str:
-    """A compact text table: SRP (with CI) per layer and L, and hit rates at a cache of 2k experts."""
+    """A compact text table: SRP (with CI) per layer and L, and hit rates at a cache of 2k experts.
+
+    With a ``"phases"`` section (a generated workload), rows ``prefill`` and ``decode`` follow the model row:
+    the model level of each phase's tokens.
+    """
     seg_lens = list(results["model"]["srp"].keys())
     policies = list(results["model"]["cache"].keys())
+    num_layers = len(results["layers"])
     size = 2 * top_k
     header = ["layer"] + [f"SRP@{seg_len}" for seg_len in seg_lens] + list(policies)
-    rows = []
     streams = [(str(entry["layer"]), entry, size) for entry in results["layers"]]
-    streams.append(("model", results["model"], size * len(results["layers"])))
+    streams.append(("model", results["model"], size * num_layers))
+    streams += [(name, part["model"], size * num_layers) for name, part in results.get("phases", {}).items()]
+    rows = []
     for name, entry, cache_size in streams:
         row = [name]
         for seg_len in seg_lens:
@@ -196,6 +126,8 @@ def summary_table(results: dict, top_k: int) -> str:
         rows.append(row)
     widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in [header] + rows]
-    note = (f"hit rates at m = 2k = {size} experts per layer, at most E (model: {size * len(results['layers'])} "
-            f"of the {len(results['layers'])}-layer stream); SRP = best F1 with its basic bootstrap CI")
+    note = (f"hit rates at m = 2k = {size} experts per layer, at most E (model: {size * num_layers} "
+            f"of the {num_layers}-layer stream); SRP = best F1 with its basic bootstrap CI")
+    if "phases" in results:
+        note += "; prefill/decode = the model level of the prompt / generated tokens"
     return "\n".join(lines + [note])

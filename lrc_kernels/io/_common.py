@@ -1,0 +1,251 @@
+"""What every reader shares: its options, its error, the layer selection and the assembly of a trace.
+
+Readers turn an engine's records into per-sequence arrays ``[T_s, n_layers, k]`` (the layout vLLM and
+SGLang return) and hand them to :func:`assemble`, which pads them into one ``[n_layers, S, T, k]`` int32
+array with one copy per sequence (never a loop per token).
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import pathlib
+import warnings
+from dataclasses import dataclass, replace
+from typing import Iterator, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from lrc_kernels.trace import RoutingTrace
+
+
+class TraceReadError(ValueError):
+    """A file that cannot be read as the chosen format; the message names the file, the line or record and
+    the field, e.g. ``"dump.jsonl:12: choices[0].routed_experts: invalid base64"``."""
+
+
+class TraceReadWarning(UserWarning):
+    """Something in a file that is probably a mistake but still gives a valid trace (a layer that is 0 for
+    every token, an ambiguous stitching choice)."""
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """What the file itself may not say.
+
+    Attributes:
+        num_experts: routed experts E per layer (int, or one int per kept layer); required by every engine
+            format except where the file knows (our ``.safetensors`` traces, SGLang's physical-to-logical map).
+        layers: a layer SPEC (``"1-47"``, ``"1,3,5"``, ``"0-3,8"``) keeping those layer numbers, or None (all).
+        num_layers, top_k: the shape of SGLang's raw int32 bytes, which carry no shape.
+        micro_batch_size: B of Megatron's ``[s, b]`` token order.
+    """
+
+    num_experts: Optional[Union[int, Tuple[int, ...]]] = None
+    layers: Optional[str] = None
+    num_layers: Optional[int] = None
+    top_k: Optional[int] = None
+    micro_batch_size: Optional[int] = None
+
+
+# The keys Hugging Face configs use for these numbers, most common first.
+_CONFIG_KEYS = {
+    "num_layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "top_k": ("num_experts_per_tok", "moe_topk", "num_experts_per_token", "top_k"),
+    "num_experts": ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts"),
+}
+
+
+def options_from_model_config(path: pathlib.Path, options: ReadOptions) -> ReadOptions:
+    """``options`` with its unset ``num_layers``/``top_k``/``num_experts`` taken from a model's config.json."""
+    try:
+        config = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise TraceReadError(f"{path}: cannot read as a JSON model config: {error}")
+    if isinstance(config.get("text_config"), dict):  # multimodal configs nest the language model's
+        config = {**config, **config["text_config"]}
+    found = {}
+    for name, keys in _CONFIG_KEYS.items():
+        if getattr(options, name) is None:
+            value = next((config[key] for key in keys if isinstance(config.get(key), int)), None)
+            if value is not None:
+                found[name] = value
+    return replace(options, **found)
+
+
+def parse_layer_spec(spec: str) -> list:
+    """``"1-3,7"`` -> ``[1, 2, 3, 7]`` (ranges inclusive, order and duplicates as written are normalised)."""
+    numbers = set()
+    for part in spec.split(","):
+        part = part.strip()
+        low, dash, high = part.partition("-")
+        try:
+            first, last = (int(low), int(high)) if dash else (int(part), int(part))
+        except ValueError:
+            raise TraceReadError(f"--layers {spec!r}: expected numbers and ranges like '1-47' or '1,3,5', "
+                                 f"received {part!r}")
+        if first < 0 or last < first:
+            raise TraceReadError(f"--layers {spec!r}: {part!r} is not a range of layer numbers >= 0")
+        numbers.update(range(first, last + 1))
+    return sorted(numbers)
+
+
+def select_layers(numbers: Sequence[int], options: ReadOptions, source: str) -> list:
+    """Indices into ``numbers`` (the file's layer numbers) that ``options.layers`` keeps."""
+    if options.layers is None:
+        return list(range(len(numbers)))
+    wanted = parse_layer_spec(options.layers)
+    position = {number: index for index, number in enumerate(numbers)}
+    missing = [number for number in wanted if number not in position]
+    if missing:
+        raise TraceReadError(f"{source}: --layers {options.layers!r} names layer {missing[0]}, not in the file "
+                             f"(layers: {_describe_numbers(numbers)})")
+    return [position[number] for number in wanted]
+
+
+def _describe_numbers(numbers: Sequence[int]) -> str:
+    numbers = list(numbers)
+    if numbers and numbers == list(range(numbers[0], numbers[0] + len(numbers))):
+        return f"{numbers[0]}-{numbers[-1]}"
+    return ",".join(map(str, numbers))
+
+
+def json_lines(path: pathlib.Path, *, lists: bool = False) -> Iterator[Tuple[int, object]]:
+    """``(line number, object)`` of every non-blank line; a line that is not a JSON object (or, with
+    ``lists``, a list of objects: SGLang's batch responses) is an error."""
+    try:
+        handle = open(path, "rb")
+    except OSError as error:
+        raise TraceReadError(f"{path}: cannot open: {error.strerror}")
+    with handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                detail = f"{error.msg} (column {error.colno})" if isinstance(error, json.JSONDecodeError) else error
+                truncated = " (a truncated last line?)" if not line.endswith(b"\n") else ""
+                raise TraceReadError(f"{path}:{number}: invalid JSON{truncated}: {detail}")
+            if lists and isinstance(record, list) and all(isinstance(item, dict) for item in record):
+                yield number, record
+                continue
+            if not isinstance(record, dict):
+                raise TraceReadError(f"{path}:{number}: expected a JSON object, found {type(record).__name__}")
+            yield number, record
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def int_field(record: dict, name: str, where: str, *, minimum: int = 0, required: bool = True):
+    if name not in record:
+        if required:
+            raise TraceReadError(f"{where}: missing field '{name}'")
+        return None
+    value = record[name]
+    if not is_int(value) or value < minimum:
+        raise TraceReadError(f"{where}: '{name}' must be an integer >= {minimum}, found {value!r}")
+    return value
+
+
+def integer_array(value, where: str, field: str) -> np.ndarray:
+    """A numpy integer array (signed or unsigned: engines store ids as uint8/uint16/int32), else an error."""
+    array = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    if array.dtype.kind not in "iu":
+        raise TraceReadError(f"{where}: '{field}' must hold integers, found dtype {array.dtype}")
+    return array
+
+
+@dataclass
+class Sequences:
+    """Per-sequence routing collected by a reader before :func:`assemble` pads it."""
+
+    rows: list            # np.ndarray [T_s, n_layers, k] each, integer
+    prompt_lengths: Optional[list] = None   # tokens of each row that are prompt (prefill); None = no phases
+
+
+def assemble(sequences: Sequences, layer_numbers: Sequence[int], options: ReadOptions, source: str, *,
+             num_experts=None, meta: Optional[dict] = None) -> RoutingTrace:
+    """Pad ``sequences`` into a :class:`RoutingTrace` ``[kept layers, S, T, k]``, keep ``options.layers``.
+
+    ``num_experts`` is the file's own E (used when ``options.num_experts`` is None); layers keep their numbers
+    as names (``"layer 3"``). Warns about a kept layer whose ids are all 0 (vLLM fills dense layers with 0).
+    """
+    rows = sequences.rows
+    if not rows:
+        raise TraceReadError(f"{source}: no routing records")
+    keep = select_layers(layer_numbers, options, source)
+    num_slots = rows[0].shape[2]
+    lengths = np.array([row.shape[0] for row in rows], dtype=np.int64)
+    topk = np.full((len(keep), len(rows), int(lengths.max(initial=0)), num_slots), -1, dtype=np.int32)
+    full = len(keep) == len(layer_numbers)
+    for s, row in enumerate(rows):
+        # One strided copy per sequence: [T_s, layers, k] -> [layers, T_s, k].
+        topk[:, s, : row.shape[0]] = (row if full else row[:, keep]).transpose(1, 0, 2)
+    kept_numbers = [layer_numbers[index] for index in keep]
+    _warn_constant_zero(topk, lengths, kept_numbers, source)
+    phase = None
+    if sequences.prompt_lengths is not None:
+        positions = np.arange(topk.shape[2])
+        phase = torch.from_numpy((positions[None, :] >= np.asarray(sequences.prompt_lengths)[:, None])
+                                 .astype(np.uint8))
+    experts = options.num_experts if options.num_experts is not None else num_experts
+    if experts is None:
+        raise TraceReadError(f"{source}: the file does not say how many experts each layer has; "
+                             "pass --num-experts (or --model-config)")
+    try:
+        return RoutingTrace(torch.from_numpy(topk), torch.from_numpy(lengths), num_experts=experts,
+                            layer_names=[f"layer {number}" for number in kept_numbers], phase=phase,
+                            meta={"source": str(source), **(meta or {})})
+    except (ValueError, TypeError) as error:
+        raise TraceReadError(f"{source}: {error}")
+
+
+def _warn_constant_zero(topk: np.ndarray, lengths: np.ndarray, numbers: Sequence[int], source: str) -> None:
+    valid = np.arange(topk.shape[2])[None, :] < lengths[:, None]
+    if not valid.any():
+        return
+    for index, number in enumerate(numbers):
+        ids = topk[index][valid]
+        if (ids == 0).any() and not (ids > 0).any():
+            warnings.warn(f"{source}: layer {number} routes every token to expert 0 — a dense layer the engine "
+                          f"fills with 0? Keep only the MoE layers with --layers", TraceReadWarning, stacklevel=2)
+
+
+def base64_bytes(value, where: str) -> bytes:
+    """The bytes of a base64 string field (standard alphabet, padding required), else a one-line error."""
+    if not isinstance(value, str):
+        raise TraceReadError(f"{where}: expected a base64 string, found {type(value).__name__}")
+    try:
+        return binascii.a2b_base64(value.encode("ascii"), strict_mode=True)
+    except (binascii.Error, UnicodeEncodeError) as error:
+        raise TraceReadError(f"{where}: invalid base64 ({error})")
+
+
+def routing_rows(value, where: str, *, num_layers: Optional[int] = None, top_k: Optional[int] = None
+                 ) -> np.ndarray:
+    """A ``[T, n_layers, k]`` integer array from nested JSON lists (``-1`` kept as "no expert")."""
+    if not isinstance(value, list):
+        raise TraceReadError(f"{where}: expected nested lists [tokens][layers][k], found {type(value).__name__}")
+    try:
+        array = np.array(value, dtype=np.int64) if value else np.zeros((0, num_layers or 0, top_k or 0), np.int64)
+    except (ValueError, TypeError, OverflowError):
+        raise TraceReadError(f"{where}: not a [tokens, layers, k] array of integers (ragged or non-integer lists)")
+    return check_rows(array, where, num_layers=num_layers, top_k=top_k)
+
+
+def check_rows(array: np.ndarray, where: str, *, num_layers: Optional[int] = None,
+               top_k: Optional[int] = None) -> np.ndarray:
+    """``array`` if it is an integer ``[T, n_layers, k]`` array matching the expected layers and k."""
+    if array.dtype.kind not in "iu":
+        raise TraceReadError(f"{where}: expected integer expert ids, found dtype {array.dtype}")
+    if array.ndim != 3:
+        raise TraceReadError(f"{where}: expected shape [tokens, layers, k], found {list(array.shape)}")
+    if num_layers is not None and array.shape[0] and array.shape[1] != num_layers:
+        raise TraceReadError(f"{where}: {array.shape[1]} layers, but earlier records have {num_layers}")
+    if top_k is not None and array.shape[0] and array.shape[2] != top_k:
+        raise TraceReadError(f"{where}: k = {array.shape[2]} experts per token, but earlier records have {top_k}")
+    return array

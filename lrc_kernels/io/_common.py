@@ -106,7 +106,7 @@ def select_layers(numbers: Sequence[int], options: ReadOptions, source: str) -> 
 
 def _describe_numbers(numbers: Sequence[int]) -> str:
     numbers = list(numbers)
-    if numbers and numbers == list(range(numbers[0], numbers[0] + len(numbers))):
+    if len(numbers) > 1 and numbers == list(range(numbers[0], numbers[0] + len(numbers))):
         return f"{numbers[0]}-{numbers[-1]}"
     return ",".join(map(str, numbers))
 
@@ -186,7 +186,7 @@ def assemble(sequences: Sequences, layer_numbers: Sequence[int], options: ReadOp
         # One strided copy per sequence: [T_s, layers, k] -> [layers, T_s, k].
         topk[:, s, : row.shape[0]] = (row if full else row[:, keep]).transpose(1, 0, 2)
     kept_numbers = [layer_numbers[index] for index in keep]
-    _warn_constant_zero(topk, lengths, kept_numbers, source)
+    zero_layers = _warn_constant_zero(topk, kept_numbers, source)
     phase = None
     if sequences.prompt_lengths is not None:
         positions = np.arange(topk.shape[2])
@@ -201,18 +201,22 @@ def assemble(sequences: Sequences, layer_numbers: Sequence[int], options: ReadOp
                             layer_names=[f"layer {number}" for number in kept_numbers], phase=phase,
                             meta={"source": str(source), **(meta or {})})
     except (ValueError, TypeError) as error:
-        raise TraceReadError(f"{source}: {error}")
+        hint = f" (layer {_describe_numbers(zero_layers)} is all 0: keep only MoE layers with --layers)" \
+            if zero_layers else ""
+        raise TraceReadError(f"{source}: {error}{hint}")
 
 
-def _warn_constant_zero(topk: np.ndarray, lengths: np.ndarray, numbers: Sequence[int], source: str) -> None:
-    valid = np.arange(topk.shape[2])[None, :] < lengths[:, None]
-    if not valid.any():
-        return
-    for index, number in enumerate(numbers):
-        ids = topk[index][valid]
-        if (ids == 0).any() and not (ids > 0).any():
-            warnings.warn(f"{source}: layer {number} routes every token to expert 0 — a dense layer the engine "
-                          f"fills with 0? Keep only the MoE layers with --layers", TraceReadWarning, stacklevel=2)
+def _warn_constant_zero(topk: np.ndarray, numbers: Sequence[int], source: str) -> list:
+    """Warn about, and return, the layers whose largest id is 0: every routed token went to expert 0 (the
+    padding past a row's length is -1, so it never hides an id)."""
+    if topk.size == 0:
+        return []
+    zero = [number for number, largest in zip(numbers, topk.reshape(topk.shape[0], -1).max(axis=1)) if largest == 0]
+    if zero:
+        warnings.warn(f"{source}: layer {_describe_numbers(zero)} routes every token to expert 0 — dense layers "
+                      f"the engine fills with 0? Keep only the MoE layers with --layers", TraceReadWarning,
+                      stacklevel=3)
+    return zero
 
 
 def base64_bytes(value, where: str) -> bytes:

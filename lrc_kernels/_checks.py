@@ -16,18 +16,59 @@ import torch
 BACKENDS = ("auto", "cpu", "triton")
 
 _SIGNED_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
+INT64_MAX = (1 << 63) - 1
+
+# Ids index per-expert tables (validation stamps, counts, cache ranks), so E bounds memory per sequence.
+# 2^24 covers a model-level stream of 16384 layers x 1024 experts with 128 MiB per int64 table.
+MAX_EXPERTS = 1 << 24
 
 
-def check_int(value, name: str, *, minimum: Optional[int] = None) -> int:
-    """Return ``value`` as a Python int; reject bools, floats and values below ``minimum``."""
+def check_int(value, name: str, *, minimum: Optional[int] = None, maximum: int = INT64_MAX) -> int:
+    """Return ``value`` as a Python int; reject bools, floats and values outside ``[minimum, maximum]``.
+
+    Every int argument ends up in int64 arithmetic, so ``maximum`` is at most 2^63 - 1 by default.
+    """
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, torch.Tensor) and value.ndim == 0 and value.dtype in _SIGNED_INT_DTYPES:
             value = int(value)
         else:
-            raise TypeError(f"{name}: expected an int, received {type(value).__name__} {value!r}")
+            raise TypeError(f"{name}: expected an int, received {type(value).__name__} {_short(value)}")
     if minimum is not None and value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, received {value}")
+        raise ValueError(f"{name}: expected an int >= {minimum}, received {_short(value)}")
+    if value > maximum:
+        raise ValueError(f"{name}: expected an int <= {maximum}, received {_short(value)}")
     return value
+
+
+def _short(value) -> str:
+    """``repr`` cut to 60 characters: a 5000-digit int or a huge tensor stays a one-line message."""
+    text = repr(value) if not isinstance(value, int) or value.bit_length() < 190 else f"an int of {value.bit_length()} bits"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_num_experts(num_experts) -> int:
+    """E in ``[1, MAX_EXPERTS]``."""
+    return check_int(num_experts, "num_experts", minimum=1, maximum=MAX_EXPERTS)
+
+
+def _memory_budget() -> int:
+    """Physical memory of this machine in bytes (64 GiB where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 64 << 30
+
+
+def check_allocation(shape: Sequence[int], name: str, what: str, *, bytes_per_item: int = 8) -> None:
+    """Refuse, before any work, an array that the arguments imply but this machine cannot hold.
+
+    ``name`` is the argument to blame, ``what`` describes the array (e.g. ``"histograms [S, E, L+1]"``).
+    """
+    num_bytes = math.prod(int(n) for n in shape) * bytes_per_item
+    budget = _memory_budget()
+    if num_bytes > budget:
+        raise ValueError(f"{name}: {what} of shape {list(shape)} would need {num_bytes / 2**30:.3g} GiB, "
+                         f"more than this machine's {budget / 2**30:.3g} GiB of memory")
 
 
 def check_confidence(confidence) -> float:
@@ -45,13 +86,36 @@ def check_choice(value, name: str, choices: Sequence[str]) -> str:
 
 
 def check_int_tensor(tensor, name: str) -> torch.Tensor:
-    """A tensor with a signed integer dtype (bool, unsigned and floating dtypes are rejected)."""
+    """A dense tensor with data and a signed integer dtype (bool, unsigned, floating, sparse, meta rejected)."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of a signed integer dtype, "
                         f"received {type(tensor).__name__}")
+    if tensor.layout != torch.strided:
+        raise TypeError(f"{name}: expected a dense (strided) tensor, received layout {tensor.layout}; "
+                        "call .to_dense() first")
+    if tensor.device.type == "meta":
+        raise TypeError(f"{name}: expected a tensor with data, received a tensor on the meta device")
     if tensor.dtype not in _SIGNED_INT_DTYPES:
         raise TypeError(f"{name}: expected a signed integer dtype (int8/16/32/64), received {tensor.dtype}")
     return tensor
+
+
+def stack_layers(topk_layers, name: str) -> torch.Tensor:
+    """A ``[n_layers, ...]`` tensor, or a non-empty list/tuple of equally shaped tensors stacked into one."""
+    if not isinstance(topk_layers, (list, tuple)):
+        return topk_layers
+    if len(topk_layers) == 0:
+        raise ValueError(f"{name}: expected at least one layer, received an empty {type(topk_layers).__name__}")
+    for index, layer in enumerate(topk_layers):
+        check_int_tensor(layer, f"{name}[{index}]")
+    shapes = [tuple(layer.shape) for layer in topk_layers]
+    if len(set(shapes)) != 1:
+        raise ValueError(f"{name}: expected tensors of equal shape (equal S, T and k in every layer), "
+                         f"received shapes {shapes[:8]}{' ...' if len(shapes) > 8 else ''}")
+    devices = {layer.device for layer in topk_layers}
+    if len(devices) != 1:
+        raise ValueError(f"{name}: expected every layer on one device, received {sorted(map(str, devices))}")
+    return torch.stack(list(topk_layers))
 
 
 def _first_index(mask: torch.Tensor) -> Tuple[int, ...]:
@@ -74,7 +138,7 @@ def check_topk(topk, num_experts: int, *, name: str = "topk", batched_rank: int 
         int64 contiguous ``[S]`` on the same device. ``topk`` may share memory with the input (a CPU input
         that is already int32, contiguous and full length is not copied), so callers only read it.
     """
-    num_experts = check_int(num_experts, "num_experts", minimum=1)
+    num_experts = check_num_experts(num_experts)
     check_int_tensor(topk, name)
     if topk.ndim not in (batched_rank - 1, batched_rank):
         dims = "[n_layers, S, T, k]" if batched_rank == 4 else "[S, T, k]"
@@ -177,8 +241,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+# Bootstrap weights meet float64 (matrix products, replicate totals), which is exact below 2^53; half of
+# that leaves room for the products with counts checked in srp.weighted_sum.
+MAX_WEIGHT_TOTAL = 1 << 52
+
+
 def check_weights(weights, num_seqs: int, num_bootstrap: int) -> torch.Tensor:
-    """An explicit bootstrap weight matrix: non-negative integers ``[S, B]``."""
+    """An explicit bootstrap weight matrix ``[S, B]``, the one rule of every bootstrap entry point.
+
+    Entries are non-negative integers, every replicate (column) draws at least one sequence when S > 0,
+    and every column total stays below 2^52 so that float64 sums of weights are exact.
+    """
     check_int_tensor(weights, "weights")
     if weights.ndim != 2 or weights.shape[0] != num_seqs:
         raise ValueError(f"weights: expected shape [S, B] with S = {num_seqs}, received {tuple(weights.shape)}")
@@ -187,6 +260,15 @@ def check_weights(weights, num_seqs: int, num_bootstrap: int) -> torch.Tensor:
                          f"given, received {num_bootstrap}")
     if bool((weights < 0).any()):
         raise ValueError("weights: expected non-negative multiplicities, received a negative entry")
+    if num_seqs > 0 and weights.numel():
+        totals = weights.to(torch.float64).sum(0)  # float64: an int64 sum of huge entries could wrap
+        empty = totals == 0
+        if bool(empty.any()):
+            raise ValueError(f"weights: expected every replicate (column) to draw at least one sequence, "
+                             f"received column {int(empty.nonzero()[0, 0])} of all zeros")
+        if float(totals.max()) >= MAX_WEIGHT_TOTAL:
+            raise ValueError(f"weights: expected column totals below 2^52 (exact in float64), "
+                             f"received a column total of {float(totals.max()):.4g}")
     return weights.to(torch.int64)
 
 

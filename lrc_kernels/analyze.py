@@ -179,9 +179,8 @@ def collect_statistics(trace, *, seg_lens: Sequence[int] = (4, 16, 64, 256),
         layers.append(_stream_statistics(topk, num_experts, lengths, seg_lens, cache_keys, histograms, backend))
         if progress is not None:
             progress(index + 1, num_layers + 1)
-    # Tokens past a row's length are never read (RoutingTrace), so they become -1 before joining the layers.
-    inside = torch.arange(trace.max_tokens, device=lengths.device) < lengths[:, None]
-    stream = concat_layers(trace.topk.masked_fill(~inside[None, ..., None], -1), num_experts)
+    # Tokens past a row's length are never read (RoutingTrace): concat_layers writes -1 there.
+    stream = concat_layers(trace.topk, num_experts, lengths=lengths)
     model_histograms = {seg_len: sum(layer.srp[seg_len] for layer in layers) for seg_len in seg_lens}
     model = _stream_statistics(stream, num_layers * num_experts, lengths, seg_lens, cache_keys,
                                model_histograms, backend)

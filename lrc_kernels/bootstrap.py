@@ -6,11 +6,12 @@ that are compared (layers, L, policies) should share one matrix, so that their d
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
 
-from ._checks import check_confidence, check_int, check_weights
+from ._checks import check_allocation, check_confidence, check_int, check_weights
 
 
 def bootstrap_indices(num_bootstrap: int, confidence: float) -> Tuple[int, int]:
@@ -31,12 +32,23 @@ def bootstrap_indices(num_bootstrap: int, confidence: float) -> Tuple[int, int]:
     tail = (1.0 - confidence) / 2.0
     lower = round(num_bootstrap * tail)
     if lower < 1:
-        minimum = 1
-        while round(minimum * tail) < 1:
-            minimum += 1
+        minimum = _minimum_replicates(tail)
         raise ValueError(f"num_bootstrap: expected at least {minimum} replicates for confidence {confidence} "
                          f"(round(B * {tail!r}) must be >= 1), received {num_bootstrap}")
     return lower, num_bootstrap - lower
+
+
+def _minimum_replicates(tail: float) -> int:
+    """The smallest B with ``round(B * tail) >= 1``, i.e. ``B * tail > 0.5`` as a float64 product.
+
+    ``0.5 / tail`` gives B to within one; the float products decide the last step either way.
+    """
+    minimum = max(1, math.floor(0.5 / tail))
+    while minimum > 1 and round((minimum - 1) * tail) >= 1:
+        minimum -= 1
+    while round(minimum * tail) < 1:
+        minimum += 1
+    return minimum
 
 
 def resample_weights(num_seqs: int, num_bootstrap: int,
@@ -52,6 +64,8 @@ def resample_weights(num_seqs: int, num_bootstrap: int,
     """
     num_seqs = check_int(num_seqs, "num_seqs", minimum=0)
     num_bootstrap = check_int(num_bootstrap, "num_bootstrap", minimum=0)
+    # the draws, the counts and their transposed copy: three int64 [B, S] arrays
+    check_allocation((3, num_bootstrap, num_seqs), "num_bootstrap", "bootstrap weights 3 x [B, S]")
     weights = torch.zeros(num_bootstrap, num_seqs, dtype=torch.int64)
     if num_seqs > 0:
         draws = torch.randint(0, num_seqs, (num_bootstrap, num_seqs), generator=generator)
@@ -71,6 +85,7 @@ def poisson_weights(num_seqs: int, num_bootstrap: int,
     """
     num_seqs = check_int(num_seqs, "num_seqs", minimum=0)
     num_bootstrap = check_int(num_bootstrap, "num_bootstrap", minimum=0)
+    check_allocation((2, num_seqs, num_bootstrap), "num_bootstrap", "Poisson weights 2 x [S, B]")
     rates = torch.ones(num_seqs, num_bootstrap, dtype=torch.float64)
     return torch.poisson(rates, generator=generator).to(torch.int64)
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ._checks import check_choice, check_int, check_topk, run_backend
+from ._checks import check_allocation, check_choice, check_int, check_topk, run_backend
 from .bootstrap import basic_interval, bootstrap_weights, check_bootstrap_options
 
 POLICIES = ("sch", "lru", "lfu", "belady")
@@ -56,6 +56,7 @@ def _check_options(policy, seg_len, free_slot_hits, lookup) -> Optional[int]:
 def _hits(topk, num_experts, policy, seg_len, lengths, free_slot_hits, lookup, backend):
     seg_len = _check_options(policy, seg_len, free_slot_hits, lookup)
     ids, lengths, unbatched = check_topk(topk, num_experts, lengths=lengths)
+    check_allocation((ids.shape[0], num_experts), "num_experts", "hits [S, E]")
     hits = run_backend("cache", "cache_hits", backend, ids, lengths, num_experts, policy, seg_len,
                        free_slot_hits, lookup)
     return ids, hits, unbatched
@@ -143,6 +144,7 @@ def curve_from_hits(hits: torch.Tensor, num_references: torch.Tensor, weights: O
                        num_references=num_references)
     if weights is None:
         return curve
+    check_allocation((2, weights.shape[1], num_experts), "num_bootstrap", "replicates 2 x [B, E]")
     weights = weights.to(device=hits.device, dtype=torch.float64) * has_refs[:, None]
     replicates = (weights.T @ rates) / weights.sum(0)[:, None]          # [B, E]; 0/0 = NaN marks no draw
     low, high = basic_interval(hit_rate, replicates.T, confidence)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
-from ._checks import check_int, check_topk
+from ._checks import check_int, check_topk, stack_layers
 
 
 def topk_from_logits(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -44,7 +44,8 @@ def topk_from_logits(logits: torch.Tensor, k: int) -> torch.Tensor:
     return order[..., :k].contiguous()
 
 
-def concat_layers(topk_layers: Union[torch.Tensor, Sequence[torch.Tensor]], num_experts: int) -> torch.Tensor:
+def concat_layers(topk_layers: Union[torch.Tensor, Sequence[torch.Tensor]], num_experts: int, *,
+                  lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Join the MoE layers of one stack into the model-level stream (SPEC §6).
 
     Layer q's expert e becomes ``q * num_experts + e`` (``-1`` stays ``-1``); each token's row lists layer 0's
@@ -55,6 +56,8 @@ def concat_layers(topk_layers: Union[torch.Tensor, Sequence[torch.Tensor]], num_
         topk_layers: int ``[n_layers, S, T, k]`` (or ``[n_layers, T, k]``), or a sequence of ``n_layers``
             tensors ``[S, T, k]`` (or ``[T, k]``) with equal shapes.
         num_experts: E of every layer.
+        lengths: optional int ``[S]`` valid prefix lengths shared by all layers; later entries are neither
+            read nor validated and come back as ``-1``.
 
     Returns:
         int64 ``[S, T, n_layers * k]`` (``[T, n_layers * k]`` for unbatched input).
@@ -64,15 +67,9 @@ def concat_layers(topk_layers: Union[torch.Tensor, Sequence[torch.Tensor]], num_
         >>> concat_layers([a, b], 2).tolist()
         [[0, 3], [1, 3], [0, 2], [1, 2]]
     """
-    if isinstance(topk_layers, (list, tuple)):
-        if len(topk_layers) == 0:
-            raise ValueError("topk_layers: expected at least one layer, received an empty sequence")
-        shapes = {tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in topk_layers}
-        if len(shapes) != 1 or None in shapes:
-            raise ValueError(f"topk_layers: expected tensors of equal shape (equal S, T and k in every layer), "
-                             f"received shapes {[tuple(getattr(t, 'shape', ())) for t in topk_layers]}")
-        topk_layers = torch.stack(list(topk_layers))
-    stacked, _, unbatched = check_topk(topk_layers, num_experts, name="topk_layers", batched_rank=4)
+    topk_layers = stack_layers(topk_layers, "topk_layers")
+    stacked, _, unbatched = check_topk(topk_layers, num_experts, name="topk_layers", batched_rank=4,
+                                       lengths=lengths)
     num_layers = stacked.shape[0]
     offsets = torch.arange(num_layers, device=stacked.device, dtype=torch.int64) * num_experts
     ids = stacked.to(torch.int64)

@@ -14,7 +14,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ._checks import check_choice, check_int, check_int_tensor, check_topk, run_backend
+from ._checks import (check_allocation, check_choice, check_int, check_int_tensor, check_topk, run_backend,
+                      stack_layers)
 from .bootstrap import basic_interval, bootstrap_weights, check_bootstrap_options
 
 LEVELS = ("expert", "layer", "model")
@@ -77,6 +78,8 @@ def srp_counts(topk: torch.Tensor, num_experts: int, seg_len: int, *, lengths: O
     check_choice(pool, "pool", POOLS)
     ids, lengths, unbatched = check_topk(topk, num_experts, lengths=lengths)
     seg_len = check_int(seg_len, "seg_len", minimum=1)
+    shape = (ids.shape[0], num_experts, seg_len + 1) if pool is None else (ids.shape[0], seg_len + 1)
+    check_allocation(shape, "seg_len", "histograms [S, E, L+1]" if pool is None else "histograms [S, L+1]")
     kernel = "srp_counts" if pool is None else "srp_pooled_counts"
     counts = run_backend("srp", kernel, backend, ids, lengths, num_experts, seg_len)
     return counts[0] if unbatched else counts
@@ -102,6 +105,9 @@ def segment_coverage(topk: torch.Tensor, num_experts: int, seg_len: int, *,
     """
     ids, lengths, unbatched = check_topk(topk, num_experts, lengths=lengths)
     seg_len = check_int(seg_len, "seg_len", minimum=1)
+    if seg_len > ids.shape[-2]:  # no sequence has a window; the kernels would size tables by L for nothing
+        coverage = torch.zeros(ids.shape[0], num_experts, dtype=torch.int64, device=ids.device)
+        return coverage[0] if unbatched else coverage
     if backend == "auto" and ids.device.type == "cuda":
         from .triton.srp import MAX_COVERAGE_EXPERTS
 
@@ -120,6 +126,10 @@ def coverage_ratio(coverage: torch.Tensor) -> torch.Tensor:
         float64 ``[E]``; all NaN when there is no activation inside any window (SPEC §9).
     """
     check_int_tensor(coverage, "coverage")
+    if coverage.ndim < 1:
+        raise ValueError("coverage: expected shape [..., E], received a 0-D tensor")
+    if bool((coverage < 0).any()):
+        raise ValueError("coverage: expected non-negative coverage counts, received a negative entry")
     pooled = coverage.reshape(-1, coverage.shape[-1]).sum(0).to(torch.float64)
     total = pooled[-1] if pooled.numel() else torch.tensor(0.0, dtype=torch.float64)
     return pooled / total if total > 0 else torch.full_like(pooled, float("nan"))
@@ -150,6 +160,7 @@ def srp_score(counts: torch.Tensor) -> SRPScore:
         raise ValueError("counts: expected non-negative window counts, received a negative entry")
     hist = counts.to(torch.int64)
     seg_len = hist.shape[-1] - 1
+    _check_products_fit(hist, seg_len)
     count_values = torch.arange(seg_len + 1, device=hist.device, dtype=torch.int64)
     matches = hist.mul(count_values).flip(-1).cumsum(-1).flip(-1)      # Σ_{c>=θ} c·H[c]
     preds = hist.flip(-1).cumsum(-1).flip(-1) * seg_len                 # L·Σ_{c>=θ} H[c]
@@ -165,12 +176,26 @@ def srp_score(counts: torch.Tensor) -> SRPScore:
                     best_m=best_m.squeeze(-1), act_r=act_r.squeeze(-1), support=support.squeeze(-1))
 
 
+def _check_products_fit(hist: torch.Tensor, seg_len: int) -> None:
+    """The scores sum ``c·H[c]`` and ``L·H[c]`` in int64; refuse histograms whose sums would wrap.
+
+    ``preds + acts <= 2·L·Σ_c H[c]`` bounds every intermediate. The float64 estimate of ``Σ_c H[c]`` errs by
+    far less than the factor-two margin below 2^63.
+    """
+    if hist.numel() == 0:
+        return
+    largest_total = float(hist.to(torch.float64).sum(-1).max())
+    if 2.0 * seg_len * largest_total >= 2.0 ** 62:
+        raise ValueError(f"counts: expected 2·L·(windows of a cell) below 2^62 so that the int64 scores do not "
+                         f"overflow, received a cell with {largest_total:.4g} windows at L = {seg_len}")
+
+
 def _per_sequence_histograms(topk, num_experts: int, seg_len: int, level: str, lengths, backend: str):
     """Histograms ``[S, E, L+1]`` (expert level) or ``[S, L+1]`` (layer, model), one row per sequence."""
     if level == "model":
-        if isinstance(topk, (list, tuple)):
-            topk = torch.stack(list(topk))
+        topk = stack_layers(topk, "topk")
         ids, lengths, _ = check_topk(topk, num_experts, batched_rank=4, lengths=lengths)
+        check_allocation((ids.shape[1], seg_len + 1), "seg_len", "per-sequence histograms [S, L+1]")
         num_layers, num_seqs = ids.shape[0], ids.shape[1]
         # layers x sequences are independent rows for the kernel; groups of layers bound the [rows, L+1] output
         group = max(1, min(num_layers, _MODEL_GROUP_BYTES // max(1, num_seqs * (seg_len + 1) * 8)))
@@ -183,17 +208,26 @@ def _per_sequence_histograms(topk, num_experts: int, seg_len: int, level: str, l
             pooled += counts.view(layers.shape[0], num_seqs, seg_len + 1).sum(dim=0)
         return pooled
     ids, lengths, _ = check_topk(topk, num_experts, lengths=lengths)
-    kernel = "srp_counts" if level == "expert" else "srp_pooled_counts"
+    expert_level = level == "expert"
+    shape = (ids.shape[0], num_experts, seg_len + 1) if expert_level else (ids.shape[0], seg_len + 1)
+    check_allocation(shape, "seg_len", "per-sequence histograms " + ("[S, E, L+1]" if expert_level else "[S, L+1]"))
+    kernel = "srp_counts" if expert_level else "srp_pooled_counts"
     return run_backend("srp", kernel, backend, ids, lengths, num_experts, seg_len)
 
 
 def weighted_sum(weights: torch.Tensor, per_sequence: torch.Tensor) -> torch.Tensor:
     """``out[b, ...] = Σ_s weights[s, b] · per_sequence[s, ...]`` for int64 inputs, exactly.
 
-    A float64 matrix product is exact here because every product and partial sum is an integer below
-    2^53, and unlike an int64 product it runs on CUDA as well.
+    A float64 matrix product is exact while every product and partial sum is an integer below 2^53, and
+    unlike an int64 product it runs on CUDA as well. Weights whose column total times the largest entry of
+    ``per_sequence`` reaches 2^53 are refused (``ValueError`` naming ``weights``) rather than rounded.
     """
     flat = per_sequence.reshape(per_sequence.shape[0], math.prod(per_sequence.shape[1:])).to(torch.float64)
+    if flat.numel() and weights.numel():
+        bound = float(weights.to(torch.float64).sum(0).max()) * float(flat.max())
+        if bound >= 2.0 ** 53:
+            raise ValueError(f"weights: expected column total x largest count below 2^53 so that the weighted "
+                             f"sums are exact, received a bound of {bound:.4g}")
     pooled = weights.to(device=flat.device, dtype=torch.float64).T @ flat
     return pooled.round().to(torch.int64).view(weights.shape[1], *per_sequence.shape[1:])
 
@@ -250,6 +284,7 @@ def score_sequences(per_sequence: torch.Tensor, weights: Optional[torch.Tensor] 
     score = srp_score(per_sequence.sum(0))
     if weights is None:
         return score
+    check_allocation((weights.shape[1], *per_sequence.shape[1:]), "num_bootstrap", "replicate histograms [B, ...]")
     replicates = srp_score(weighted_sum(weights, per_sequence)).best_f1.movedim(0, -1)
     low, high = basic_interval(score.best_f1, replicates, confidence)
     return SRPScore(score.best_f1, score.threshold, score.best_m, score.act_r, score.support, low, high)
@@ -261,6 +296,7 @@ def _positionwise_histograms(ids: torch.Tensor, lengths: torch.Tensor, num_exper
     num_seqs, num_tokens = ids.shape[0], ids.shape[1]
     windows = (lengths - seg_len + 1).clamp_min(0)
     num_positions = int(windows.max()) if num_seqs else 0
+    check_allocation((num_positions, num_experts, seg_len + 1), "seg_len", "position-wise histograms [P, E, L+1]")
     hist = torch.zeros(num_positions * num_experts * (seg_len + 1), dtype=torch.int64, device=ids.device)
     if num_positions == 0:
         return hist.view(0, num_experts, seg_len + 1)
@@ -302,8 +338,7 @@ def srp_positionwise(topk: Union[torch.Tensor, Sequence[torch.Tensor]], num_expe
     check_choice(level, "level", LEVELS)
     seg_len = check_int(seg_len, "seg_len", minimum=1)
     if level == "model":
-        if isinstance(topk, (list, tuple)):
-            topk = torch.stack(list(topk))
+        topk = stack_layers(topk, "topk")
         ids, lengths, _ = check_topk(topk, num_experts, batched_rank=4, lengths=lengths)
         hists = [_positionwise_histograms(layer, lengths, num_experts, seg_len) for layer in ids]
         return srp_score(torch.stack(hists).sum(dim=(0, 2)))

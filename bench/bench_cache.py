@@ -262,7 +262,11 @@ def main():
     parser.add_argument("--python-sequences", type=int, default=8)
     parser.add_argument("--model-python-sequences", type=int, default=2)
     parser.add_argument("--per-size-samples", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU kernel threads (lrc_kernels.set_num_threads); the goals are for one thread, and "
+                             "CPU time sums over threads")
     args = parser.parse_args()
+    lrc_kernels.set_num_threads(args.threads)
     device = torch.device("cuda" if args.backend == "triton" else "cpu")
 
     print(f"{platform.node()}: {os.cpu_count()} CPUs, load average {os.getloadavg()}, Python "

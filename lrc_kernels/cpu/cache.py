@@ -11,16 +11,26 @@ count reads all ``E`` times even when ``x`` is shallow, but a push-down under LR
 ``x`` and mispredicts where the walk stops; the count was 2.5x faster at both E = 64 and n·E = 1024.
 
 LFU, Belady and SCH keep an explicit stack. Each reference ``x`` is pushed down: ``x`` goes on top and a carry
-walks down to ``x``'s old depth only, keeping the higher-key element at each position. Every key is stored next
-to its expert in the stack (``stack_key``) and updated in place through a position index, so a push-down is
-one contiguous walk of ``d`` comparisons and the per-reference work is O(d + 1), however deep the stack is
-(model level has ``n·E`` slots). In these policies most positions above ``x`` keep their expert, and a walk
-that only branches where the carry changes beats branch-free selects on every position (measured). Pair keys
-``(a, τ)`` pack into one int64 as ``a·2^32 + τ``, which is exact while a sequence holds fewer than 2^31 slots.
+walks down to ``x``'s old depth only, keeping the higher-key element at each position, so the work per
+reference is O(d + 1) however deep the stack is. Two kernels do this, picked by the number of slots:
+
+* ``_scan_depth_hits`` (up to ``SCAN_MAX_SLOTS``, layer level): the stack holds uint32 expert ids and the keys
+  live per expert, so SCH's look-ahead updates touch no stack position and there is no position array at
+  all. The push-down scan itself finds ``x`` (a sentinel copy of ``x`` below the stack stops it for a new
+  expert), each position is a branch-free compare-and-move, and token lookup ranks a row's experts in one
+  pass over the stack per token. Its only unpredictable branch is where the scan stops.
+* ``_stack_depth_hits`` (deeper model-level stacks): each key is stored next to its expert in the stack
+  (``stack_key``) and a position index finds ``x``. The walk branches only where the carry changes, which at
+  model level is a few of the hundreds of positions walked, and beats the branch-free scan there (measured,
+  bench/RESULTS.md).
+
+Pair keys ``(a, τ)`` pack into one int64 as ``a·2^32 + τ``, which is exact while a sequence holds fewer than
+2^31 slots.
 
 Inputs are validated by the public API layer (docs/architecture.md): ``topk`` is int32, contiguous,
 ``[S, T, k]`` with ids in ``[-1, E)`` and no repeated valid id in a row; ``lengths`` is int64 ``[S]`` with
-values in ``[0, T]``. All options are runtime arguments, so each of the two kernels compiles one signature.
+values in ``[0, T]``. All options are runtime arguments, so each kernel compiles one signature. Slices of
+sequences run in parallel (``parallel.run_sliced``).
 """
 
 import numba
@@ -32,6 +42,10 @@ from .parallel import run_sliced
 _LFU, _BELADY, _SCH = 0, 1, 2
 _STACK_POLICY_CODES = {"lfu": _LFU, "belady": _BELADY, "sch": _SCH}
 _PAIR_SHIFT = 1 << 32
+_ABOVE_EVERY_KEY = np.int64(2**63 - 1)
+# up to this many slots the branch-free scan wins; deeper model-level stacks change few positions per
+# push-down, where the walk that branches only on a change is faster (bench/RESULTS.md)
+SCAN_MAX_SLOTS = 256
 
 
 @numba.njit(inline="always")
@@ -41,6 +55,27 @@ def _used_after(last_use, time):
     for e in range(last_use.shape[0]):
         count += last_use[e] > time
     return count
+
+
+@numba.njit(inline="always")
+def _next_uses(topk, s, num_tokens, num_experts, next_use, upcoming):
+    """``next_use[n]``: the time of reference n's next use, ``N_s + 1 + x`` if none (Belady's key)."""
+    num_slots = topk.shape[2]
+    num_refs = 0
+    for t in range(num_tokens):
+        for j in range(num_slots):
+            if topk[s, t, j] >= 0:
+                num_refs += 1
+    for e in range(num_experts):
+        upcoming[e] = num_refs + 1 + e
+    n = num_refs
+    for t in range(num_tokens - 1, -1, -1):
+        for j in range(num_slots - 1, -1, -1):
+            x = topk[s, t, j]
+            if x >= 0:
+                n -= 1
+                next_use[n] = upcoming[x]
+                upcoming[x] = n
 
 
 @numba.njit(cache=True, nogil=True)
@@ -109,21 +144,7 @@ def _stack_depth_hits(topk, lengths, hits, num_experts, policy, seg_len, free_sl
         at_depth[:] = 0
         depth_of_new = 0  # |P|
         if policy == _BELADY:
-            num_refs = 0
-            for t in range(num_tokens):
-                for j in range(num_slots):
-                    if topk[s, t, j] >= 0:
-                        num_refs += 1
-            for e in range(num_experts):
-                upcoming[e] = num_refs + 1 + e
-            n = num_refs
-            for t in range(num_tokens - 1, -1, -1):
-                for j in range(num_slots - 1, -1, -1):
-                    x = topk[s, t, j]
-                    if x >= 0:
-                        n -= 1
-                        next_use[n] = upcoming[x]
-                        upcoming[x] = n
+            _next_uses(topk, s, num_tokens, num_experts, next_use, upcoming)
         elif policy == _SCH:
             for t in range(min(seg_len, num_tokens)):
                 for j in range(num_slots):
@@ -198,6 +219,111 @@ def _stack_depth_hits(topk, lengths, hits, num_experts, policy, seg_len, free_sl
             hits[s, d] = total
 
 
+@numba.njit(cache=True, nogil=True)
+def _scan_depth_hits(topk, lengths, hits, num_experts, policy, seg_len, free_slot_hits, sequential):
+    num_sequences, _, num_slots = topk.shape
+    # ids by stack position; one spare slot holds the sentinel copy of a new expert
+    stack = np.empty(num_experts + 1, np.uint32)
+    # per expert, not per position: SCH look-ahead updates need no position lookup
+    key = np.empty(num_experts, np.int64)
+    seen = np.empty(num_experts, np.bool_)
+    # the row slot of each expert during a token's rank pass; num_slots = not in the row
+    slot_of = np.empty(num_experts, np.int64)
+    count = np.empty(num_experts, np.int64)
+    at_depth = np.empty(num_experts, np.int64)
+    row_depth = np.empty(num_slots + 1, np.int64)  # entry num_slots absorbs the stores of experts not in the row
+    max_refs = topk.shape[1] * num_slots
+    next_use = np.empty(max_refs if policy == _BELADY else 0, np.int64)
+    upcoming = np.empty(num_experts if policy == _BELADY else 0, np.int64)
+    for s in range(num_sequences):
+        num_tokens = lengths[s]
+        seen[:] = False
+        slot_of[:] = num_slots
+        count[:] = 0
+        key[:] = 0
+        at_depth[:] = 0
+        num_seen = 0
+        if policy == _BELADY:
+            _next_uses(topk, s, num_tokens, num_experts, next_use, upcoming)
+        elif policy == _SCH:
+            for t in range(min(seg_len, num_tokens)):
+                for j in range(num_slots):
+                    x = topk[s, t, j]
+                    if x >= 0:
+                        count[x] += 1
+        n = 0
+        for i in range(num_tokens):
+            if not sequential:
+                # rank pass: depths of the row's experts in the stack as it was at token start; first
+                # references of the row take consecutive free slots (the free-slot rule)
+                wanted = 0
+                first_refs = 0
+                for j in range(num_slots):
+                    x = topk[s, i, j]
+                    if x >= 0:
+                        if seen[x]:
+                            slot_of[x] = j
+                            wanted += 1
+                        else:
+                            row_depth[j] = num_seen + first_refs
+                            first_refs += 1
+                q = 0
+                while wanted > 0:
+                    j = slot_of[stack[q]]
+                    row_depth[j] = q
+                    wanted -= j != num_slots
+                    q += 1
+                for j in range(num_slots):
+                    x = topk[s, i, j]
+                    if x >= 0:
+                        slot_of[x] = num_slots
+            for j in range(num_slots):
+                x = topk[s, i, j]
+                if x < 0:
+                    continue
+                was_seen = seen[x]
+                # push-down: x enters as a carry above every key, so position 0 takes it; the scan stops
+                # where x stood, or at the sentinel copy of x below the stack if x is new
+                stack[num_seen] = x
+                carry = np.uint32(x)
+                carry_key = _ABOVE_EVERY_KEY
+                q = 0
+                y = stack[0]
+                while y != x:
+                    y_key = key[y]
+                    lower = y_key < carry_key
+                    stack[q] = carry if lower else y
+                    carry = y if lower else carry
+                    carry_key = y_key if lower else carry_key
+                    q += 1
+                    y = stack[q]
+                stack[q] = carry
+                if not was_seen:
+                    seen[x] = True
+                    num_seen += 1
+                if was_seen or free_slot_hits:
+                    at_depth[q if sequential else row_depth[j]] += 1
+                if policy == _LFU:
+                    count[x] += 1
+                    key[x] = count[x] * _PAIR_SHIFT + n
+                elif policy == _BELADY:
+                    key[x] = -next_use[n]
+                else:
+                    count[x] -= 1
+                    key[x] = count[x] * _PAIR_SHIFT + n
+                n += 1
+            if policy == _SCH and i + seg_len < num_tokens:
+                for j in range(num_slots):
+                    y = topk[s, i + seg_len, j]
+                    if y >= 0:
+                        count[y] += 1
+                        key[y] += _PAIR_SHIFT  # unseen experts' keys are set at their first reference
+        total = 0
+        for d in range(num_experts):
+            total += at_depth[d]
+            hits[s, d] = total
+
+
 def cache_hits(topk, lengths, num_experts, policy, seg_len, free_slot_hits, lookup):
     """Hits of every cache size ``m = 1..num_experts`` for every sequence, in one pass per sequence.
 
@@ -228,7 +354,8 @@ def cache_hits(topk, lengths, num_experts, policy, seg_len, free_slot_hits, look
     else:
         # the look-ahead never reaches past T, so clipping L keeps i + L from overflowing int64
         look_ahead = min(seg_len, num_tokens + 1) if policy == "sch" else 0
-        run_sliced(_stack_depth_hits, (topk, lengths, hits),
+        kernel = _scan_depth_hits if num_experts <= SCAN_MAX_SLOTS else _stack_depth_hits
+        run_sliced(kernel, (topk, lengths, hits),
                    (num_experts, _STACK_POLICY_CODES[policy], look_ahead, bool(free_slot_hits),
                     lookup == "sequential"), work)
     return torch.from_numpy(hits)

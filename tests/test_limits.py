@@ -120,3 +120,51 @@ def test_concat_layers_neither_reads_nor_checks_beyond_lengths():
     stream = lk.concat_layers(torch.stack([garbage, garbage]), 4, lengths=lengths)
     assert stream[1, 2:].eq(-1).all()
     assert torch.equal(stream[0], lk.concat_layers(torch.stack([TOPK, TOPK]), 4)[0])
+
+
+# --- files: one line naming the file and the line, never an allocation the file implies ------------------
+
+JSONL_HAZARDS = {  # name: (file content, line named, reason)
+    "pos-10^10": ('{"seq": 0, "pos": 10000000000, "experts": [1]}\n', 1, "'pos' 10000000000: the routing array"),
+    "pos-10^12-on-line-2": ('{"seq": 0, "pos": 0, "experts": [1]}\n{"seq": 0, "pos": 1000000000000, "experts": [1]}\n',
+                            2, "'pos' 1000000000000"),
+    "deep-nesting": ('{"seq": 0, "pos": 0, "experts": ' + "[" * 100000 + "]" * 100000 + "}\n", 1, "nested too deeply"),
+    "invalid-utf8": (b'{"seq": "\xff\xfe", "pos": 0, "experts": [1]}\n', 1, "not UTF-8 (byte 0xff"),
+    "5000-digits": ('{"seq": 0, "pos": ' + "9" * 5000 + ', "experts": [1]}\n', 1, "an integer of more than 4300 digits"),
+    "nested-experts": ('{"seq": 0, "pos": 0, "experts": ' + "[" * 500 + "]" * 500 + "}\n", 1,
+                       "'experts' must be a list of integers, found [[[...]]]"),
+}
+
+
+@pytest.mark.parametrize("fmt", ["auto", "jsonl"])
+@pytest.mark.parametrize("name", list(JSONL_HAZARDS))
+def test_jsonl_hazards_name_file_and_line(tmp_path, name, fmt):
+    from lrc_kernels.io import ReadOptions, TraceReadError, read_trace
+
+    text, line, reason = JSONL_HAZARDS[name]
+    path = tmp_path / "routing.jsonl"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    started = time.perf_counter()
+    with pytest.raises(TraceReadError) as info:
+        read_trace(path, fmt, ReadOptions(num_experts=4))
+    message = str(info.value)
+    assert reason in message
+    assert f"{path}:{line}:" in message or (fmt == "auto" and f"{path}: " in message and f"line {line} " in message)
+    assert "\n" not in message and len(message) < 300
+    assert time.perf_counter() - started < 5.0
+
+
+@pytest.mark.parametrize("name, write, message", [
+    ("text-as-npz", lambda p: p.write_text("hello\n"), "not an .npz archive"),
+    ("text-as-pt", lambda p: p.write_text("hello\n"), "not a torch.save file"),
+    ("pickled-object-pt", lambda p: torch.save({"topk": torch.zeros(1, 2, 1, dtype=torch.int64), "f": time.time}, p),
+     "holds pickled Python objects other than tensors"),
+])
+def test_tensor_files_say_what_they_are_not(tmp_path, name, write, message):
+    from lrc_kernels.io import ReadOptions, TraceReadError, read_trace
+
+    path = tmp_path / ("routing.npz" if "npz" in name else "routing.pt")
+    write(path)
+    with pytest.raises(TraceReadError, match=message) as info:
+        read_trace(path, options=ReadOptions(num_experts=4))
+    assert "allow_pickle" not in str(info.value) and "weights_only" not in str(info.value)

@@ -21,7 +21,7 @@ import numpy as np
 from lrc_kernels.trace import RoutingTrace
 
 from . import jsonl, lrc, megatron, sglang, sglang_dump, vllm
-from ._common import (ReadOptions, TraceReadError, TraceReadWarning, options_from_model_config,
+from ._common import (ReadOptions, TraceReadError, TraceReadWarning, json_problem, options_from_model_config,
                       parse_layer_spec)
 
 READERS = {"lrc": lrc.read, "jsonl": jsonl.read, "vllm": vllm.read, "sglang": sglang.read,
@@ -33,14 +33,18 @@ __all__ = ["FORMATS", "ReadOptions", "TraceReadError", "TraceReadWarning", "dete
 
 
 def _first_json_line(path: pathlib.Path):
+    """``(record, problem)``: the first non-blank line's JSON value, or None and why it is not one."""
     try:
         with open(path, "rb") as handle:
-            for line in handle:
+            for number, line in enumerate(handle, start=1):
                 if line.strip():
-                    return json.loads(line)
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    return None
+                    try:
+                        return json.loads(line), None
+                    except (ValueError, RecursionError) as error:
+                        return None, f"line {number} is not JSON: {json_problem(error)}"
+    except OSError as error:
+        return None, f"cannot read: {error.strerror}"
+    return None, "no non-blank line"
 
 
 def _pickle_mentions(path: pathlib.Path, names: Iterable[bytes]) -> bool:
@@ -72,12 +76,13 @@ def detect_format(path: Union[str, pathlib.Path]) -> str:
     if suffix in (".pt", ".pth"):
         return "sglang-dump" if _pickle_mentions(path, (b"topk_ids_of_layer", b"last_physical_to_logical_map")) \
             else "lrc"
-    record = _first_json_line(path)
+    record, problem = _first_json_line(path)
     if isinstance(record, list) and record and isinstance(record[0], dict):
         return "sglang"
     if not isinstance(record, dict):
-        raise TraceReadError(f"{path}: cannot recognise the format (not a tensor file, and the first line is not "
-                             f"a JSON object); pass --format")
+        problem = problem or "the first line is not a JSON object"
+        raise TraceReadError(f"{path}: cannot recognise the format (not a tensor file, and {problem}); "
+                             "pass --format")
     if "experts" in record and "pos" in record:
         return "jsonl"
     if megatron.looks_like(record):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import binascii
 import json
+import reprlib
 import pathlib
 import warnings
 from dataclasses import dataclass, replace
@@ -17,6 +18,7 @@ from typing import Iterator, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from lrc_kernels._checks import check_allocation
 from lrc_kernels.trace import RoutingTrace
 
 
@@ -124,16 +126,48 @@ def json_lines(path: pathlib.Path, *, lists: bool = False) -> Iterator[Tuple[int
                 continue
             try:
                 record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                detail = f"{error.msg} (column {error.colno})" if isinstance(error, json.JSONDecodeError) else error
-                truncated = " (a truncated last line?)" if not line.endswith(b"\n") else ""
-                raise TraceReadError(f"{path}:{number}: invalid JSON{truncated}: {detail}")
+            except (ValueError, RecursionError) as error:
+                raise TraceReadError(f"{path}:{number}: invalid JSON{_truncated(line)}: {json_problem(error)}")
             if lists and isinstance(record, list) and all(isinstance(item, dict) for item in record):
                 yield number, record
                 continue
             if not isinstance(record, dict):
                 raise TraceReadError(f"{path}:{number}: expected a JSON object, found {type(record).__name__}")
             yield number, record
+
+
+def _truncated(line: bytes) -> str:
+    return " (a truncated last line?)" if not line.endswith(b"\n") else ""
+
+
+def json_problem(error: Exception) -> str:
+    """One line on why ``json.loads`` refused a line (malformed, not UTF-8, nested too deeply, huge int)."""
+    if isinstance(error, json.JSONDecodeError):
+        return f"{error.msg} (column {error.colno})"
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 (byte 0x{error.object[error.start]:02x} at offset {error.start})"
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    if "digits" in str(error):
+        return "an integer of more than 4300 digits"
+    return str(error).splitlines()[0]
+
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxstring, _BRIEF.maxlong, _BRIEF.maxother = 2, 8, 40, 40, 40
+
+
+def brief(value) -> str:
+    """A short ``repr`` for messages: a 10 MB list or a list nested 900 deep stays a few words."""
+    return _BRIEF.repr(value)
+
+
+def check_size(shape: Sequence[int], where: str, what: str, *, bytes_per_item: int = 8) -> None:
+    """A :class:`TraceReadError` naming ``where`` (file and line) for an array this machine cannot hold."""
+    try:
+        check_allocation(shape, what, "the routing array", bytes_per_item=bytes_per_item)
+    except ValueError as error:
+        raise TraceReadError(f"{where}: {error}")
 
 
 def is_int(value) -> bool:
@@ -147,7 +181,7 @@ def int_field(record: dict, name: str, where: str, *, minimum: int = 0, required
         return None
     value = record[name]
     if not is_int(value) or value < minimum:
-        raise TraceReadError(f"{where}: '{name}' must be an integer >= {minimum}, found {value!r}")
+        raise TraceReadError(f"{where}: '{name}' must be an integer >= {minimum}, found {brief(value)}")
     return value
 
 
@@ -180,6 +214,8 @@ def assemble(sequences: Sequences, layer_numbers: Sequence[int], options: ReadOp
     keep = select_layers(layer_numbers, options, source)
     num_slots = rows[0].shape[2]
     lengths = np.array([row.shape[0] for row in rows], dtype=np.int64)
+    check_size((len(keep), len(rows), int(lengths.max(initial=0)), num_slots), source,
+               "[layers, S, T, k]", bytes_per_item=4)
     topk = np.full((len(keep), len(rows), int(lengths.max(initial=0)), num_slots), -1, dtype=np.int32)
     full = len(keep) == len(layer_numbers)
     for s, row in enumerate(rows):

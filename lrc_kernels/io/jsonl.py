@@ -13,7 +13,8 @@ import pathlib
 
 import numpy as np
 
-from ._common import ReadOptions, Sequences, TraceReadError, assemble, int_field, is_int, json_lines
+from ._common import (ReadOptions, brief, Sequences, TraceReadError, assemble, check_size, int_field, is_int,
+                      json_lines)
 
 
 def read(path: pathlib.Path, options: ReadOptions):
@@ -25,13 +26,13 @@ def read(path: pathlib.Path, options: ReadOptions):
             raise TraceReadError(f"{where}: missing field 'seq'")
         seq = record["seq"]
         if not (isinstance(seq, str) or is_int(seq)):
-            raise TraceReadError(f"{where}: 'seq' must be a string or an integer, found {seq!r}")
+            raise TraceReadError(f"{where}: 'seq' must be a string or an integer, found {brief(seq)}")
         pos = int_field(record, "pos", where)
         experts = record.get("experts")
         if "experts" not in record:
             raise TraceReadError(f"{where}: missing field 'experts'")
         if not isinstance(experts, list) or not all(is_int(e) for e in experts):
-            raise TraceReadError(f"{where}: 'experts' must be a list of integers, found {experts!r}")
+            raise TraceReadError(f"{where}: 'experts' must be a list of integers, found {brief(experts)}")
         records.append((line, layer, (type(seq).__name__, seq), pos, experts))
     if not records:
         raise TraceReadError(f"{path}: no routing records")
@@ -47,6 +48,9 @@ def read(path: pathlib.Path, options: ReadOptions):
     num_slots = max(len(experts) for *_, experts in records)
     if num_slots == 0:
         raise TraceReadError(f"{path}: every record has an empty 'experts' list")
+    # A huge 'pos' implies rows of that many tokens: refuse it, naming its line, before allocating them.
+    line, _, _, pos, _ = max(records, key=lambda record: record[3])
+    check_size((sum(lengths), len(layer_numbers), num_slots), f"{path}:{line}", f"'pos' {pos}")
     rows = [np.full((length, len(layer_numbers), num_slots), -1, dtype=np.int64) for length in lengths]
     seen: dict = {}
     for line, layer, seq, pos, experts in records:

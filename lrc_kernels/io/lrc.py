@@ -8,6 +8,7 @@ Plain tensor files accept the dtypes the API accepts (signed integers); E comes 
 from __future__ import annotations
 
 import pathlib
+import pickle
 
 import numpy as np
 import torch
@@ -19,8 +20,30 @@ from ._common import ReadOptions, Sequences, TraceReadError, assemble, select_la
 TENSOR_SUFFIXES = (".npz", ".safetensors", ".pt", ".pth")
 
 
+# What each tensor file starts with: .npz and torch.save's default format are zip archives (local file header
+# or, empty, end of directory); torch.save's legacy format is a pickle (protocol byte 0x80).
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+_PICKLE_MAGIC = b"\x80"
+
+
+def _check_magic(path: pathlib.Path, suffix: str) -> None:
+    """Say what a tensor file is not, instead of the reader's advice about pickles or a KeyError."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as error:
+        raise TraceReadError(f"{path}: cannot open: {error.strerror}")
+    if suffix == ".npz" and not head.startswith(_ZIP_MAGIC):
+        raise TraceReadError(f"{path}: not an .npz archive (numpy.savez writes a zip file; this one starts with "
+                             f"{head!r})")
+    if suffix in (".pt", ".pth") and not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC)):
+        raise TraceReadError(f"{path}: not a torch.save file (neither a zip archive nor a pickle; it starts with "
+                             f"{head!r})")
+
+
 def _read_tensors(path: pathlib.Path) -> dict:
     suffix = path.suffix.lower()
+    _check_magic(path, suffix)
     try:
         if suffix == ".npz":
             with np.load(path, allow_pickle=False) as archive:
@@ -30,6 +53,9 @@ def _read_tensors(path: pathlib.Path) -> dict:
 
             return load_file(str(path))
         loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise TraceReadError(f"{path}: holds pickled Python objects other than tensors, which are not loaded "
+                             "(save a tensor or a dict of tensors: torch.save({'topk': topk}, path))")
     except Exception as error:  # the readers raise many unrelated types on corrupt input
         raise TraceReadError(f"{path}: cannot read as {suffix[1:]}: {type(error).__name__}: {error}".splitlines()[0])
     if isinstance(loaded, torch.Tensor):

@@ -8,6 +8,7 @@ stated in this file.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import subprocess
@@ -339,7 +340,7 @@ def test_recorder_is_single_use_and_checks_its_state():
     with rec:
         with pytest.raises(RuntimeError, match="no forward pass"):
             rec.routing()
-    with pytest.raises(RuntimeError, match="after exiting"):
+    with pytest.raises(RuntimeError, match="no forward pass"):  # after the block: still the last pass
         rec.routing()
     with pytest.raises(RuntimeError, match="single-use"):
         with rec:
@@ -417,6 +418,18 @@ def test_training_with_gradient_checkpointing_records_the_forward():
         assert torch.equal(routing_after_backward[site.name], routing_forward[site.name])
 
 
+@contextlib.contextmanager
+def _no_sync(device):
+    """On CUDA, any device synchronisation inside the block raises (sync-debug mode "error")."""
+    if device == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.parametrize("family", ["mixtral", "switch_transformers", "nllb_moe", "doge", "zaya", "llama4"])
 @pytest.mark.parametrize("device", ["meta", "cuda"])
 def test_hooks_never_read_tensor_values(family, device):
@@ -426,9 +439,12 @@ def test_hooks_never_read_tensor_values(family, device):
         pytest.skip("no CUDA device")
     model = cached_model(family)
     num_tokens = 6
-    for capture in ("selected", "logits_topk") if family != "doge" else ("selected",):
-        with RoutingRecorder(model, capture=capture) as rec:
-            rec._on_model_call(model, (), {"input_ids": torch.zeros(2, 3, dtype=torch.long, device=device)})
+    captures = ("selected", "logits_topk") if family != "doge" else ("selected",)
+    accumulates = (False,) if family in ENCODER_DECODER else (False, True)
+    for capture, accumulate in [(c, a) for c in captures for a in accumulates]:
+        with RoutingRecorder(model, capture=capture, accumulate=accumulate) as rec, _no_sync(device):
+            rec._on_model_call(model, (), {"input_ids": torch.zeros(2, 3, dtype=torch.long, device=device),
+                                           "attention_mask": torch.ones(2, 5, dtype=torch.long, device=device)})
             for site in rec.sites:
                 E, k = site.num_experts, site.top_k
                 ids = torch.zeros(num_tokens, k, dtype=torch.long, device=device)
@@ -439,20 +455,16 @@ def test_hooks_never_read_tensor_values(family, device):
                         "doge": (ids,)}.get(family, (None, ids, weights))
                 logits = torch.zeros(num_tokens, E + (family == "zaya"), device=device)
                 output = {"llama4": (logits, logits)}.get(family, (logits, logits, logits))
-                if device == "cuda":
-                    torch.cuda.set_sync_debug_mode("error")
-                try:
-                    # The recorder's hooks are the kwargs-taking ones (transformers adds plain ones).
-                    pre, post = site.capture_module, site.router
-                    for key in pre._forward_pre_hooks_with_kwargs:
-                        pre._forward_pre_hooks[key](pre, args, {})
-                    for key in post._forward_hooks_with_kwargs:
-                        post._forward_hooks[key](post, (), {}, output)
-                finally:
-                    if device == "cuda":
-                        torch.cuda.set_sync_debug_mode("default")
+                # The recorder's hooks are the kwargs-taking ones (transformers adds plain ones).
+                pre, post = site.capture_module, site.router
+                for key in pre._forward_pre_hooks_with_kwargs:
+                    pre._forward_pre_hooks[key](pre, args, {})
+                for key in post._forward_hooks_with_kwargs:
+                    post._forward_hooks[key](post, (), {}, output)
                 assert len(rec._captures[site.name]) == 1
                 assert rec._captures[site.name][0][0].shape == (num_tokens, k)
+            rec._on_model_return(model, (), object())  # with accumulate=True: keeps the pass, still no sync
+            assert len(rec._groups) == accumulate
 
 
 def test_model_without_moe_layers_is_rejected():

@@ -2,20 +2,25 @@
 
 Hooks only clone/detach and run device-side tensor ops (no ``.item()``, no ``.cpu()``, no branching on tensor
 values), so capture never synchronises with the device. The layout work (padding, packed sequences) runs in
-:meth:`RoutingRecorder.routing`, after the forward pass.
+:meth:`RoutingRecorder.routing`, after the forward pass; stitching the passes of a whole block (including
+``model.generate()`` calls) into one :class:`~lrc_kernels.RoutingTrace` runs in :meth:`RoutingRecorder.trace`
+(:mod:`lrc_kernels.hf.stitch`).
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from lrc_kernels.trace import RoutingTrace
+
 from .routers import (EXPERTS_ARGS, INDEX_ARG, ONE_HOT_DISPATCH, ROUTER_LOGITS_TOPK, TOP1_MASK_AND_GATES,
                       RouterSite, find_routers)
+from .stitch import (ForwardInputs, GenerateRecord, GenerateWrapper, Layout, PassRecord, accumulated_inputs,
+                     forward_layout, stitch, validated_selection)
 
 try:  # NVTX ranges in the library's own domain; the nvtx package makes them no-ops without a profiler.
     import nvtx as _nvtx
@@ -100,52 +105,27 @@ def _router_logits(site: RouterSite, output: Any) -> torch.Tensor:
     return logits.detach().reshape(-1, logits.shape[-1])
 
 
-@dataclass
-class _ForwardInputs:
-    """What the recorder needs from one call of the model: batch size, padding masks, position ids."""
-
-    batch_size: Optional[int]
-    masks: dict[str, Optional[torch.Tensor]]
-    position_ids: dict[str, Optional[torch.Tensor]]
-
-
-@dataclass
-class _Layout:
-    """Maps a stage's flat token stream ``[B*T]`` onto output rows (see ``RoutingRecorder.routing``)."""
-
-    batch_size: int
-    seq_len: int
-    valid: Optional[torch.Tensor]         # bool [B, T]; None: every token is valid
-    lengths: torch.Tensor                 # int64 [S]
-    packed_rows: Optional[torch.Tensor] = None     # int64 [n_valid]: output row of each valid token
-    packed_columns: Optional[torch.Tensor] = None  # int64 [n_valid]: its column
-    packed_shape: tuple[int, int] = (0, 0)
-
-    def apply(self, selection: torch.Tensor) -> torch.Tensor:
-        tokens = selection.view(self.batch_size, self.seq_len, selection.shape[-1])
-        if self.valid is None:
-            return tokens
-        valid = self.valid.to(tokens.device)
-        if self.packed_rows is None:
-            return tokens.masked_fill(~valid[..., None], -1)
-        out = tokens.new_full((*self.packed_shape, tokens.shape[-1]), -1)
-        out[self.packed_rows.to(tokens.device), self.packed_columns.to(tokens.device)] = tokens[valid]
-        return out
-
-
 _FORWARD_INPUT_NAMES = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds", "labels",
                         "attention_mask", "decoder_attention_mask", "position_ids")
 
 
 class RoutingRecorder:
-    """Record which experts every MoE router of a Hugging Face model selects, one forward pass at a time.
+    """Record which experts every MoE router of a Hugging Face model selects: the last forward pass, or all.
 
     Use as a context manager; hooks exist only inside the ``with`` block (removed on exit, also after an
-    exception), and a recorder is single-use::
+    exception), and a recorder is single-use. :meth:`routing` and :meth:`lengths` give the last forward pass,
+    inside the block and after it::
 
         with RoutingRecorder(model) as rec:
             model(input_ids=ids, attention_mask=mask)
             topk = rec.routing()          # {router name: int64 [B, T, k]}
+
+    With ``accumulate=True`` the recorder also keeps every pass, and :meth:`trace` stitches them, including
+    ``model.generate()`` calls, into one :class:`lrc_kernels.RoutingTrace`::
+
+        with RoutingRecorder(model, accumulate=True) as rec:
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32)
+        trace = rec.trace()               # [n_layers, B, prompt + generated - 1, k], phases 0/1
 
     Args:
         model: a transformers (5.x) MoE model; see :func:`lrc_kernels.hf.find_routers` for the families.
@@ -154,15 +134,18 @@ class RoutingRecorder:
             re-derives top-k from each router's logits (descending logit, the lower id first on ties), for
             comparison with logit-based methods; routers without per-expert logits (Doge, DeepSeek-V4 hash
             layers) are then not recorded.
+        accumulate: keep every forward pass of the block for :meth:`trace` (decoder-only models).
 
     Only calls of ``model`` itself count as forward passes: router calls outside one (e.g. activation
     recomputation during backward, or an encoder run on its own) are ignored. Works under ``no_grad`` and in
     training, on any device; recorded tensors are detached copies on the router's device.
     """
 
-    def __init__(self, model: nn.Module, *, capture: str = "selected"):
+    def __init__(self, model: nn.Module, *, capture: str = "selected", accumulate: bool = False):
         if capture not in ("selected", "logits_topk"):
             raise ValueError(f"capture: expected 'selected' or 'logits_topk', received {capture!r}")
+        if not isinstance(accumulate, bool):
+            raise TypeError(f"accumulate: expected a bool, received {type(accumulate).__name__}")
         sites = find_routers(model)
         if capture == "logits_topk":
             sites = [site for site in sites if site.logits_index is not None]
@@ -173,17 +156,27 @@ class RoutingRecorder:
         self._capture = capture
         self._sites = sites
         self._is_encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        if accumulate and self._is_encoder_decoder:
+            raise ValueError(f"accumulate: RoutingRecorder(accumulate=True) records decoder-only models; "
+                             f"{type(model).__name__} is an encoder-decoder model (generate() runs its encoder "
+                             f"outside the model call)")
+        self._accumulate = accumulate
+        # Accumulated: one PassRecord per plain forward, one GenerateRecord per generate() call, in order.
+        self._groups: list = []
+        self._generate: Optional[GenerateRecord] = None  # the generate() call running now
+        self._failure: Optional[str] = None               # why trace() cannot be trusted
+        self._last_failed = False
         self._forward_signature = inspect.signature(model.forward)
         self._var_keyword = next((p.name for p in self._forward_signature.parameters.values()
                                   if p.kind is inspect.Parameter.VAR_KEYWORD), None)
         self._state = "new"
         self._handles: list = []
         self._in_forward = False
-        self._forward: Optional[_ForwardInputs] = None
+        self._forward: Optional[ForwardInputs] = None
         self._captures: dict[str, list] = {}
         self._router_calls: dict[str, int] = {}
         # routing() and lengths() of one forward pass share its layouts (packed sequences cost a few scans)
-        self._last_results: Optional[dict[str, tuple[torch.Tensor, _Layout]]] = None
+        self._last_results: Optional[dict[str, tuple[torch.Tensor, Layout]]] = None
 
     @property
     def sites(self) -> list[RouterSite]:
@@ -199,12 +192,16 @@ class RoutingRecorder:
             self._handles.append(self._model.register_forward_hook(self._on_model_return, always_call=True))
             for site in self._sites:
                 self._handles.extend(self._register_site(site))
+            if self._accumulate:
+                self._handles.append(GenerateWrapper(self))
         except BaseException:
             self._close()
             raise
         return self
 
     def __exit__(self, exc_type, exc_value, traceback) -> bool:
+        if exc_type is not None:
+            self._fail(f"its `with` block ended with {exc_type.__name__}")
         self._close()
         return False
 
@@ -214,15 +211,18 @@ class RoutingRecorder:
         self._handles.clear()
         self._state = "closed"
         self._in_forward = False
-        self._forward = None
-        self._captures = {}
-        self._router_calls = {}
-        self._last_results = None
+        self._generate = None
+
+    def _fail(self, reason: str) -> None:
+        self._failure = self._failure or reason
+        self._last_failed = True
 
     def _check_recording(self, what: str) -> None:
-        if self._state != "recording":
-            when = "before entering" if self._state == "new" else "after exiting"
-            raise RuntimeError(f"RoutingRecorder.{what}() called {when} its `with` block; call it inside the block")
+        if self._state == "new":
+            raise RuntimeError(f"RoutingRecorder.{what}() called before entering its `with` block")
+        if self._last_failed:
+            raise RuntimeError(f"RoutingRecorder.{what}(): {self._failure}, so the recorded routing is "
+                               f"incomplete; record again with a new recorder")
 
     def _register_site(self, site: RouterSite) -> tuple:
         label = _NvtxRange(f"capture {site.name}")
@@ -280,86 +280,38 @@ class RoutingRecorder:
         else:
             masks = {"encoder": None, "decoder": copy(inputs["attention_mask"])}
             position_ids = {"encoder": None, "decoder": copy(inputs["position_ids"])}
-        self._forward = _ForwardInputs(batch_size, masks, position_ids)
+        self._forward = ForwardInputs(batch_size, masks, position_ids)
+        if self._accumulate:
+            self._forward = accumulated_inputs(inputs, self._forward)
         self._captures = {}
         self._router_calls = {}
         self._last_results = None
+        self._last_failed = False
         self._in_forward = True
 
     def _on_model_return(self, module, args, output) -> None:
         self._in_forward = False
+        if output is None:  # always-called hook after the forward raised
+            self._fail("a forward pass of the model raised an exception")
+        elif self._accumulate:
+            record = PassRecord(self._forward, self._captures, self._router_calls)
+            (self._generate.passes if self._generate is not None else self._groups).append(record)
 
-    def _layout(self, stage: str, num_tokens: int) -> _Layout:
-        batch_size = self._forward.batch_size
-        if batch_size is None or batch_size == 0 or num_tokens % batch_size:
-            raise RuntimeError(f"cannot split the {num_tokens} routed tokens of the {stage} into sequences: the "
-                               f"batch size taken from the model inputs is {batch_size}")
-        seq_len = num_tokens // batch_size
-        mask = self._forward.masks[stage]
-        valid = None
-        if mask is not None:
-            if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or mask.shape[0] != batch_size \
-                    or mask.shape[1] < seq_len:
-                shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-                raise ValueError(f"attention mask of the {stage}: expected a 2-D padding mask [B={batch_size}, "
-                                 f">= T={seq_len}] (1 = token, 0 = padding), received {shape}")
-            # With a KV cache the mask also covers past tokens; its last T columns are this call's tokens.
-            valid = mask[:, -seq_len:] != 0
-        positions = self._forward.position_ids[stage]
-        if isinstance(positions, torch.Tensor) and positions.ndim == 2 and positions.shape[0] == batch_size \
-                and positions.shape[1] >= seq_len and seq_len > 1:
-            positions = positions[:, -seq_len:]
-            token_valid = valid if valid is not None else torch.ones_like(positions, dtype=torch.bool)
-            first_valid = token_valid & (token_valid.cumsum(dim=1) == 1)
-            starts = token_valid & ((positions.to(token_valid.device) == 0) | first_valid)
-            if bool((starts & ~first_valid).any()):
-                return self._packed_layout(batch_size, seq_len, token_valid, starts)
-        if valid is None:
-            lengths = torch.full((batch_size,), seq_len, dtype=torch.int64)
-        else:
-            # Valid length of a row = one past its last valid token (trailing padding excluded).
-            columns = torch.arange(1, seq_len + 1, device=valid.device)
-            lengths = (valid * columns).amax(dim=1).to(torch.int64)
-        return _Layout(batch_size, seq_len, valid, lengths)
-
-    @staticmethod
-    def _packed_layout(batch_size: int, seq_len: int, valid: torch.Tensor, starts: torch.Tensor) -> _Layout:
-        flat_valid, flat_starts = valid.reshape(-1), starts.reshape(-1)
-        sequence = flat_starts.cumsum(dim=0) - 1                  # output row of every token (valid ones)
-        rank = flat_valid.cumsum(dim=0) - 1                       # rank among the valid tokens
-        start_rank = rank[flat_starts]                            # [S]
-        rows = sequence[flat_valid]
-        columns = rank[flat_valid] - start_rank[rows]
-        lengths = torch.bincount(rows, minlength=start_rank.numel()).to(torch.int64)
-        shape = (start_rank.numel(), int(lengths.max()))
-        return _Layout(batch_size, seq_len, valid, lengths, rows, columns, shape)
-
-    def _results(self, what: str) -> dict[str, tuple[torch.Tensor, _Layout]]:
+    def _results(self, what: str) -> dict[str, tuple[torch.Tensor, Layout]]:
         self._check_recording(what)
         if self._forward is None:
             raise RuntimeError(f"RoutingRecorder.{what}(): no forward pass of the model was recorded yet")
         if self._last_results is not None:
             return self._last_results
-        layouts: dict[tuple[str, int], _Layout] = {}
+        layouts: dict[tuple[str, int], Layout] = {}
         results = {}
         for site in self._sites:
-            records = self._captures.get(site.name)
-            if not records:
-                if self._router_calls.get(site.name):
-                    raise RuntimeError(
-                        f"{site.name}: the router ran but {type(site.capture_module).__name__} was never called, "
-                        f"so its selection was not captured (a fused MoE kernel, e.g. from the `kernels` hub, "
-                        f"probably replaced the block's forward; load the model without it)")
+            selection = validated_selection(site, PassRecord(self._forward, self._captures, self._router_calls))
+            if selection is None:
                 continue  # the router did not run in the last forward (e.g. encoder given as encoder_outputs)
-            if len(records) > 1:
-                raise RuntimeError(f"{site.name}: the router ran {len(records)} times in one forward pass "
-                                   f"(a weight-shared or looped layer); capture supports one call per router")
-            selection, has_nan = records[0]
-            if has_nan is not None and bool(has_nan):
-                raise ValueError(f"{site.name}: router logits contain NaN; top-k from logits is undefined")
             key = (site.stage, selection.shape[0])
             if key not in layouts:
-                layouts[key] = self._layout(*key)
+                layouts[key] = forward_layout(self._forward, *key)
             results[site.name] = (selection, layouts[key])
         if not self._in_forward:  # a pass still running may add routers
             self._last_results = results
@@ -396,6 +348,39 @@ class RoutingRecorder:
         left padding stays as ``-1`` tokens; packed sequences have no padding inside their length.
         """
         return {name: layout.lengths for name, (_, layout) in self._results("lengths").items()}
+
+
+    def trace(self) -> RoutingTrace:
+        """Every token the model processed in the block so far, as one :class:`lrc_kernels.RoutingTrace` (CPU).
+
+        Needs ``accumulate=True``. Rows follow the order of the calls: each plain forward pass adds its rows as
+        :meth:`routing` lays them out (phase 0); each ``model.generate()`` call adds one row per sequence it
+        generated: the prompt tokens without padding from column 0 (phase 0), then each generated token the
+        model forwarded while the sequence was unfinished (phase 1), ``-1`` after its length. The length is
+        prompt + generated − 1: the last sampled token is never forwarded, and a row that sampled an EOS
+        (``eos_token_id`` of the call or of the generation config) ends before it; the tokens generate() keeps
+        feeding a finished row are not part of it. Layers are the routers in ``rec.sites`` order, named by
+        their modules; k is the largest top-k (``-1`` pads the others).
+
+        Raises:
+            RuntimeError: before the block, without ``accumulate=True``, with nothing recorded, or after an
+                exception inside the block (in a forward pass, in generate(), or ending the block).
+            ValueError: generate() reordered its rows or fed more than one token per step (beam search,
+                assisted or speculative decoding).
+        """
+        if not self._accumulate:
+            raise RuntimeError("RoutingRecorder.trace() needs RoutingRecorder(model, accumulate=True)")
+        self._check_recording("trace")
+        if self._failure is not None:
+            raise RuntimeError(f"RoutingRecorder.trace(): {self._failure}, so the recorded routing is "
+                               f"incomplete; record again with a new recorder")
+        if not self._groups:
+            raise RuntimeError("RoutingRecorder.trace(): no forward pass of the model was recorded yet")
+        config = getattr(self._model, "config", None)
+        meta = {"source": "lrc_kernels.hf.RoutingRecorder", "model": type(self._model).__name__,
+                "model_type": str(getattr(config, "model_type", "")), "capture": self._capture}
+        with _NvtxRange("stitch trace"):
+            return stitch(self._groups, self._sites, validated_selection, meta)
 
 
 __all__ = ["RoutingRecorder"]

@@ -200,6 +200,8 @@ def _stream_report(stream: StreamStatistics, weights, confidence: float) -> dict
         curve = curve_from_hits(hits, stream.num_references, weights, confidence)
         cache[key] = {name: (None if getattr(curve, name) is None else getattr(curve, name).tolist())
                       for name in CURVE_FIELDS}
+        # integer hits summed over sequences: what cache planning (lrc_kernels.plan_report) adds up exactly
+        cache[key].update(hits=hits.sum(0).tolist(), references=int(stream.num_references.sum()))
     coverage = {str(seg_len): coverage_ratio(counts).tolist() for seg_len, counts in stream.coverage.items()}
     return {"srp": srp_scores, "cache": cache, "coverage": coverage}
 

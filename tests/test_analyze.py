@@ -52,7 +52,8 @@ def _expected_stream(topk, num_experts, lengths, weights, model_layers=None):
                    for policy in ("lru", "lfu", "belady")})
     for key, curve in curves.items():
         expected["cache"][key] = {"hit_rate": curve.hit_rate.tolist(), "ci_low": curve.ci_low.tolist(),
-                                  "ci_high": curve.ci_high.tolist()}
+                                  "ci_high": curve.ci_high.tolist(), "hits": curve.hits.sum(0).tolist(),
+                                  "references": curve.references}
     for seg_len in SEG_LENS:
         counts = lk.segment_coverage(topk, num_experts, seg_len, lengths=lengths)
         expected["coverage"][str(seg_len)] = lk.coverage_ratio(counts).tolist()

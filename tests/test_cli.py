@@ -115,7 +115,7 @@ def test_every_format_gives_the_library_numbers(tmp_path, multilayer_trace):
         reports[name] = results
     assert reports["npz"] == reports["safetensors"] == reports["pt_dict"] == reports["jsonl"]
     assert sorted(p.name for p in (tmp_path / "out-npz").iterdir()) == [
-        "cache.csv", "cache_curves.png", "coverage.csv", "results.json", "srp.csv", "srp_heatmap.png",
+        "cache.csv", "cache_curves.png", "coverage.csv", "plan.png", "results.json", "srp.csv", "srp_heatmap.png",
         "srp_vs_L.png"]
 
     # The same numbers straight from the library, with the one shared weight matrix the CLI draws.

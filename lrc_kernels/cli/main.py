@@ -9,7 +9,10 @@ import time
 from typing import Optional, Sequence
 
 from lrc_kernels.bootstrap import bootstrap_indices
+from lrc_kernels.plan_bytes import DEFAULT_BANDWIDTH_GBS
 
+from .plan import (add_plan, add_plan_command, add_plan_options, plan_block, run_plan_command,
+                   write_plan_plot)
 from .report import UsageError, summary_table, write_results
 
 PROG = "lrc-kernels"
@@ -77,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--text", type=pathlib.Path, required=True, metavar="FILE", help="UTF-8 text file")
     _add_model_options(analyze)
     _add_report_options(analyze)
+    add_plan_options(analyze, config_option=False)
 
     trace = commands.add_parser("trace", help="report on saved routing (.npz, .safetensors, .pt, .jsonl)",
                                 description="Report on saved routing; formats in docs/formats.md.")
@@ -84,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--num-experts", type=_positive_int, required=True, metavar="E",
                        help="routed experts per layer; ids must lie in [-1, E)")
     _add_report_options(trace)
+    add_plan_options(trace)
 
     demo = commands.add_parser("demo", help="analyze the built-in tiny MoE on its shipped sample text",
                                description="Same as 'analyze default --text <shipped sample>' with small settings "
@@ -92,23 +97,27 @@ def build_parser() -> argparse.ArgumentParser:
                       help="output directory (default: %(default)s)")
     demo.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     demo.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+    add_plan_command(commands)
     return parser
 
 
-def _run_report(trace, args, meta: dict, started: float) -> int:
+def _run_report(trace, args, meta: dict, started: float, model_config=None) -> int:
     from lrc_kernels.analyze import analyze
 
     results = analyze(trace, seg_lens=args.seg_lens, num_bootstrap=args.num_bootstrap,
                       confidence=args.confidence, seed=args.seed, phase=args.phase)
     results["meta"].update(meta)
     results["meta"]["seconds"] = round(time.perf_counter() - started, 2)
+    add_plan(results, args, model_config)
     paths = write_results(results, args.out)
     if not args.no_plots:
         from .plots import write_plots
 
         paths += write_plots(results, trace.top_k, args.out, meta.get("title", ""))
+        paths += write_plan_plot(results, args.out, meta.get("title", ""))
     if not args.quiet:
         print(summary_table(results, trace.top_k))
+        print(plan_block(results["plan"]))
         print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0
 
@@ -124,7 +133,7 @@ def _analyze(args, started: float) -> int:
     routing = record_routing(model, input_ids, args.batch_size, stage=args.stage, progress=not args.quiet)
     meta = {"command": "analyze", "model": str(model_dir), "model_type": model.config.model_type,
             "text": str(args.text), "tokens": int(input_ids.numel()), "title": f"{model_dir.name} on {args.text.name}"}
-    return _run_report(routing, args, meta, started)
+    return _run_report(routing, args, meta, started, model.config)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -141,9 +150,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             args.model, args.text, args.device, args.stage = "default", SAMPLE_TEXT, "cpu", None
             args.seg_lens, args.confidence, args.seed, args.phase = list(DEFAULT_SEG_LENS), 0.95, 0, "all"
+            args.cache_gib = args.cache_slots = args.expert_bytes = None
+            args.bandwidth_gbs, args.min_slots = DEFAULT_BANDWIDTH_GBS, 0
             for name, value in DEMO_SETTINGS.items():
                 setattr(args, name, value)
             args.command = "analyze"
+        if args.command == "plan":
+            return run_plan_command(args)
         args.seg_lens = sorted(set(args.seg_lens))
         if args.num_bootstrap > 0:  # fail before the model runs, not after
             bootstrap_indices(args.num_bootstrap, args.confidence)

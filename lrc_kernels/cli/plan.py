@@ -1,0 +1,184 @@
+"""Cache planning on the command line: the plan options, the printed plan block and ``lrc-kernels plan``.
+
+``analyze``, ``trace`` and ``demo`` add a ``plan`` section to results.json; ``lrc-kernels plan RESULTS.json``
+computes it again from a saved report (its integer hits per cache size) for another budget, expert size
+or bandwidth, without the model (docs/planning.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+from typing import Optional
+
+from lrc_kernels.plan_bytes import DEFAULT_BANDWIDTH_GBS, expert_size
+from lrc_kernels.plan_report import plan_section
+
+from .report import UsageError, _nan_to_null as nan_to_null
+
+DEFAULT_PLAN_DIR = pathlib.Path("lrc_plan")
+# the library's argument names and the options that set them, so an error names what the user typed
+OPTION_OF_ARGUMENT = {"total_slots": "--cache-slots", "cache_gib": "--cache-gib", "min_slots": "--min-slots",
+                      "expert_bytes": "--expert-bytes"}
+
+
+def _number(kind, minimum: float, *, strict: bool = False):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"expected a finite number {'>' if strict else '>='} {minimum}, "
+                                             f"got {text}")
+        return value
+    return parse
+
+
+def add_plan_options(parser: argparse.ArgumentParser, *, config_option: bool = True) -> None:
+    """The budget, expert-size and bandwidth options shared by analyze, trace and plan."""
+    group = parser.add_argument_group("cache plan (docs/planning.md)")
+    budget = group.add_mutually_exclusive_group()
+    budget.add_argument("--cache-gib", type=_number(float, 0.0), metavar="G",
+                        help="expert-cache budget in GiB over all layers (needs the expert size)")
+    budget.add_argument("--cache-slots", type=_number(int, 0), metavar="N",
+                        help="expert-cache budget in experts over all layers (default: 2k per layer)")
+    size = group.add_mutually_exclusive_group()
+    size.add_argument("--expert-bytes", type=_number(int, 1), metavar="B",
+                      help="bytes of one routed expert (default: from the model config)")
+    if config_option:
+        size.add_argument("--config", type=pathlib.Path, metavar="FILE",
+                          help="model config.json (or its directory) giving the expert size")
+    group.add_argument("--bandwidth-gbs", type=_number(float, 0.0, strict=True), default=DEFAULT_BANDWIDTH_GBS,
+                       metavar="GBS", help="host-to-device bandwidth in GB/s for the transfer-bound ceiling "
+                                           "(default: %(default)s)")
+    group.add_argument("--min-slots", type=_number(int, 0), default=0, metavar="M",
+                       help="fewest cache slots of any layer (default: %(default)s)")
+
+
+def _expert_size(args, model_config=None, saved: Optional[dict] = None) -> tuple[Optional[int], Optional[str]]:
+    """(bytes, how they were found): --expert-bytes, --config, the model's config, a saved plan, or unknown."""
+    if args.expert_bytes is not None:
+        return args.expert_bytes, "--expert-bytes"
+    config = getattr(args, "config", None) or model_config
+    if config is not None:
+        try:
+            size = expert_size(config)
+        except ValueError:
+            if args.cache_gib is not None or getattr(args, "config", None) is not None:
+                raise
+            return None, None  # a model of a family without a size rule: plan in slots only
+        return size.bytes, size.rule
+    if saved and saved.get("expert_bytes") is not None:
+        return saved["expert_bytes"], saved.get("expert_size_rule")
+    return None, None
+
+
+def add_plan(results: dict, args, model_config=None, saved: Optional[dict] = None) -> dict:
+    """Set ``results["plan"]`` from the command-line options; return it."""
+    expert_bytes, rule = _expert_size(args, model_config, saved)
+    try:
+        results["plan"] = plan_section(results, total_slots=args.cache_slots, cache_gib=args.cache_gib,
+                                       expert_bytes=expert_bytes, expert_rule=rule, min_slots=args.min_slots,
+                                       bandwidth_gbs=args.bandwidth_gbs)
+    except ValueError as error:
+        argument, _, problem = str(error).partition(": ")
+        if argument in OPTION_OF_ARGUMENT:
+            raise UsageError(f"{OPTION_OF_ARGUMENT[argument]}: {problem}") from None
+        raise
+    return results["plan"]
+
+
+def _size(num_bytes: Optional[float]) -> str:
+    if num_bytes is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if num_bytes < 1024 or unit == "GiB":
+            return f"{num_bytes:.4g} {unit}"
+        num_bytes /= 1024
+
+
+def _per_layer(values: list) -> str:
+    """Short per-layer list: every value up to 8 layers, else min..max; '-' marks -1 (none)."""
+    if len(values) > 8:
+        known = [v for v in values if v >= 0]
+        span = f"{min(known)}..{max(known)}" if known else "-"
+        return span + (f" ({len(values) - len(known)} -)" if len(known) < len(values) else "")
+    return " ".join("-" if v < 0 else str(v) for v in values)
+
+
+def plan_block(plan: dict) -> str:
+    """The printed plan: per policy, knee and sizes for 0.9 per layer, optimal vs uniform split at the budget."""
+    budget = plan["budget"]
+    size_note = (f"one expert {_size(plan['expert_bytes'])} ({plan['expert_size_rule']})"
+                 if plan["expert_bytes"] is not None else "expert size unknown (give --expert-bytes or --config)")
+    lines = [f"plan: budget {budget['slots']} slots"
+             + (f" = {_size(budget['gib'] * 2**30)}" if budget["gib"] is not None else "")
+             + f" ({budget['source']}"
+             + (", holds every expert" if budget["slots"] >= sum(plan["experts_per_layer"]) else "")
+             + f"); {size_note}"]
+    header = ["policy", "knee/layer", "m@0.9/layer", "optimal split", "hit", "uniform", "vs belady",
+              "misses/token", "bytes/token", "tokens/s ceiling"]
+    rows = []
+    belady = plan["policies"].get("belady", {}).get("optimal", {}).get("hit_rate")
+    for key, entry in plan["policies"].items():
+        optimal, uniform = entry["optimal"], entry["uniform"]
+        ceiling = optimal["tokens_per_s_ceiling"]
+        rows.append([key, _per_layer(entry["knee"]), _per_layer(entry["size_for_target"].get("0.9", [])),
+                     _per_layer(optimal["sizes"]), f"{optimal['hit_rate']:.3f}", f"{uniform['hit_rate']:.3f}",
+                     "-" if belady is None else f"{optimal['hit_rate'] - belady:+.3f}",
+                     f"{optimal['misses_per_token']:.3g}", _size(optimal["bytes_per_token"]),
+                     "-" if ceiling is None else f"{ceiling:,.0f}" if ceiling >= 100 else f"{ceiling:.3g}"])
+    widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(len(header))]
+    lines += ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in [header] + rows]
+    lines.append(f"pooled hit rates of one cache per layer on the traced tokens; 'vs belady' compares optimal "
+                 f"splits; the ceiling is transfer-bound at {plan['bandwidth_gbs']:g} GB/s (each miss loads one "
+                 "expert; compute and latency ignored), not a latency model")
+    return "\n".join(lines)
+
+
+def write_plan_plot(results: dict, out_dir: pathlib.Path, title: str) -> list[pathlib.Path]:
+    """Write ``plan.png`` of ``results["plan"]``; return its path in a list."""
+    from .plan_plot import plot_plan
+
+    path = out_dir / "plan.png"
+    plot_plan(results, path, title)
+    return [path]
+
+
+def write_plan(results: dict, out_dir: pathlib.Path, title: str, *, plots: bool) -> list[pathlib.Path]:
+    """Write ``plan.json`` (the plan section) and, with ``plots``, ``plan.png``; return the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "plan.json"
+    path.write_text(json.dumps(nan_to_null(results["plan"]), indent=1, allow_nan=False) + "\n")
+    return [path] + (write_plan_plot(results, out_dir, title) if plots else [])
+
+
+def add_plan_command(commands) -> None:
+    plan = commands.add_parser("plan", help="plan the expert cache again from a saved results.json",
+                               description="Cache planning from a saved report: per-layer sizes, the optimal "
+                                           "split of a budget, bytes and a transfer-bound decode-rate ceiling.")
+    plan.add_argument("results", type=pathlib.Path, metavar="RESULTS", help="results.json of analyze/trace/demo")
+    add_plan_options(plan)
+    plan.add_argument("--out", type=pathlib.Path, default=DEFAULT_PLAN_DIR, metavar="DIR",
+                      help="output directory for plan.json and plan.png (default: %(default)s)")
+    plan.add_argument("--no-plots", action="store_true", help="skip plan.png")
+    plan.add_argument("--quiet", action="store_true", help="no plan block")
+
+
+def run_plan_command(args) -> int:
+    try:
+        results = json.loads(args.results.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"{args.results}: cannot read a results.json: {error}") from None
+    if not isinstance(results, dict) or not {"layers", "model", "meta"} <= set(results) or not results["layers"]:
+        raise UsageError(f"{args.results}: expected a results.json of lrc-kernels analyze/trace/demo "
+                         "(with 'layers', 'model' and 'meta')")
+    add_plan(results, args, saved=results.get("plan"))
+    paths = write_plan(results, args.out, results["meta"].get("title", ""), plots=not args.no_plots)
+    if not args.quiet:
+        print(plan_block(results["plan"]))
+        print(f"wrote {', '.join(str(p) for p in paths)}")
+    return 0

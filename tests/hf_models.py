@@ -8,6 +8,8 @@ drops tokens over an expert's capacity (their configs use a small capacity so th
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 HIDDEN = 16
@@ -100,4 +102,27 @@ def build_tiny_model(family: str) -> torch.nn.Module:
     torch.manual_seed(0)
     auto = AutoModelForSeq2SeqLM if family in ENCODER_DECODER else AutoModelForCausalLM
     model = auto.from_config(config, dtype=torch.float32)
+    if family == "nllb_moe":
+        for module in model.modules():
+            if type(module).__name__ == "NllbMoeExperts":
+                module.__class__ = _routed_nllb_experts_class(type(module))
     return model.eval()
+
+
+@functools.lru_cache(maxsize=None)
+def _routed_nllb_experts_class(experts_class):
+    """NLLB-MoE's experts running as the router chose: each token through every expert with a nonzero combine
+    weight. transformers 5.x's own forward runs only expert_0 and expert_1 (lrc_kernels refuses that, see
+    tests/test_hf_families.py); this subclass stands in for a fixed release so that NLLB's capture rule stays
+    tested."""
+
+    def forward(self, hidden_states, router_mask, router_probs):
+        out = torch.zeros_like(hidden_states)
+        for index in range(self.num_experts):
+            expert = self[f"expert_{index}"]
+            rows = (router_probs[:, index] != 0).nonzero().flatten()
+            if rows.numel():
+                out.index_add_(0, rows, expert(hidden_states[rows]) * router_probs[rows, index, None])
+        return out
+
+    return type("RoutedNllbMoeExperts", (experts_class,), {"forward": forward})

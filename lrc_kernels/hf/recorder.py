@@ -55,7 +55,9 @@ def _read_experts_args(site: RouterSite, args: tuple, kwargs: dict) -> torch.Ten
     if indices.is_floating_point():
         raise RuntimeError(f"{site.name}: expected integer expert ids as argument {site.selection_arg} of "
                            f"{type(site.capture_module).__name__}, received dtype {indices.dtype}")
+    # Ids past the routed experts are zero-compute / skip experts (LongCat-Flash, Gemma-4's skip class): -1.
     indices = indices.reshape(-1, indices.shape[-1])
+    indices = indices.masked_fill(indices >= site.num_experts, -1)
     if site.order_by_weight or site.zero_weight_is_skip:
         weights = _argument(args, kwargs, site.weight_arg).detach()
         if weights.numel() != indices.numel():

@@ -3,9 +3,9 @@
 Discovery. transformers (5.x) names each model's router class in ``_can_record_outputs["router_logits"]``
 (an ``OutputRecorder(cls, index=i)``, a class, or a class-name suffix); every instance of that class in the
 model is a router. Dense layers have no router and are skipped. Routers the declaration does not cover are
-found by structure: another module of a discovered ``experts`` class whose parent also holds a child with a
-``top_k`` attribute (DeepSeek-V4's hash-routed layers: a token-id table picks their experts, so they emit no
-router logits and have no ``logits_topk`` capture).
+found by structure: a child with an int ``top_k`` attribute next to a module named ``experts`` outside every
+declared router (DeepSeek-V4's hash-routed layers: a token-id table picks their experts, so they emit no
+router logits and have no ``logits_topk`` capture; a model may have no other router).
 
 Capture. In most families the MoE block calls ``experts(hidden, top_k_index, top_k_weights)`` with the
 selection that actually runs, so the recorder reads it from a forward pre-hook on the router's sibling
@@ -14,11 +14,13 @@ selection that actually runs, so the recorder reads it from a forward pre-hook o
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
+import torch
 from torch import nn
 
 # How a site's selection is read from the call of its capture module (see ``recorder._SELECTION_READERS``).
@@ -39,6 +41,43 @@ class _FamilyRule:
     order_by_weight: bool = True   # sort slots by descending routing weight (routers with unsorted top-k)
     zero_weight_is_skip: bool = False  # a slot passed with weight exactly 0 is a "skip" choice -> -1
     has_expert_logits: bool = True     # router output holds per-expert logits usable for "logits_topk"
+    top_k_config: Optional[str] = None  # config field holding top-k where no module has a ``top_k``
+    sizes_from: Optional[str] = None   # router child whose ``num_experts``/``top_k`` describe the site
+    refuse: Optional[Callable[[nn.Module, nn.Module], Optional[str]]] = None  # (router, capture) -> reason
+
+
+def _nllb_runs_two_experts_only(router: nn.Module, experts: nn.Module) -> Optional[str]:
+    """Why NLLB-MoE's capture is refused, when its experts module ignores the router's choice.
+
+    transformers 5.x's ``NllbMoeExperts.forward`` one-hot-encodes the router mask, which is already one-hot,
+    so the "expert" it indexes is the mask's 0/1 value: ``expert_0`` and ``expert_1`` run whatever the router
+    picked. Probed on the module itself (one token sent to the last expert) so that a fixed release passes.
+    """
+    import transformers
+
+    expert_modules = {name: child for name, child in experts.named_children() if name.startswith("expert_")}
+    num_experts = len(expert_modules)
+    parameter = next(experts.parameters())
+    hidden = torch.zeros(1, parameter.shape[-1], dtype=parameter.dtype, device=parameter.device)
+    choice = torch.zeros(1, num_experts, dtype=torch.long, device=parameter.device)
+    choice[0, -1] = 1
+    ran = set()
+    handles = [expert.register_forward_pre_hook(lambda module, args, name=name: ran.add(name))
+               for name, expert in expert_modules.items()]
+    try:
+        with torch.no_grad():  # the class's forward: hooks on the experts module itself do not see the probe
+            type(experts).forward(experts, hidden, choice, choice.to(parameter.dtype))
+    except Exception as error:  # noqa: BLE001 -- a signature we do not know: refuse with what failed
+        return f"probing its experts module failed ({type(error).__name__}: {error})"
+    finally:
+        for handle in handles:
+            handle.remove()
+    last = list(expert_modules)[-1]
+    if ran == {last}:
+        return None
+    return (f"under transformers {transformers.__version__}, {type(experts).__name__}.forward one-hot-encodes "
+            f"the router's mask, which is already one-hot, so only expert_0 and expert_1 run whatever the router "
+            f"picked (a token sent to {last} ran {sorted(ran)}); the router's choice is not what ran")
 
 
 # Special cases, keyed by router class name. Every other router class uses ``_FamilyRule()``.
@@ -55,7 +94,8 @@ _FAMILY_RULES: dict[str, _FamilyRule] = {
     "SwitchTransformersTop1Router": _FamilyRule(kind=ONE_HOT_DISPATCH, top_k=1),
     # Top-2 routing with capacity: experts receive the surviving top-1 one-hot mask and the combine weights
     # of both slots (zero where dropped) -> slot 0 = top-1 or -1, slot 1 = second expert or -1.
-    "NllbMoeTop2Router": _FamilyRule(kind=TOP1_MASK_AND_GATES, top_k=2),
+    # Refused where the experts ignore the selection (transformers 5.x, see _nllb_runs_two_experts_only).
+    "NllbMoeTop2Router": _FamilyRule(kind=TOP1_MASK_AND_GATES, top_k=2, refuse=_nllb_runs_two_experts_only),
     # Product-key experts: the MoE block is its own router; expert ids index the ``down_embed`` embedding.
     # Its router logits are per-key scores, not per-expert logits.
     "DogeCDMoE": _FamilyRule(kind=INDEX_ARG, capture="down_embed", order_by_weight=False,
@@ -65,6 +105,12 @@ _FAMILY_RULES: dict[str, _FamilyRule] = {
     "PhimoeTopKRouter": _FamilyRule(order_by_weight=False),
     # Zaya's router has an extra "skip" class; it passes a skip as expert 0 with weight 0.
     "ZayaRouter": _FamilyRule(zero_weight_is_skip=True),
+    # Gemma-4 (and DiffusionGemma, built on it): top-k only in the config the router holds.
+    "Gemma4TextRouter": _FamilyRule(top_k_config="top_k_experts"),
+    "DiffusionGemmaTextRouter": _FamilyRule(top_k_config="top_k_experts"),
+    # Ernie-4.5-VL declares its modality-split block, which routes text tokens through ``text_moe`` (a gate
+    # and its experts) and image/video tokens through ``vision_moe``; text-only forwards run ``text_moe`` alone.
+    "Ernie4_5_VLMoeMoeBlock": _FamilyRule(capture="text_moe.experts", sizes_from="text_moe"),
 }
 
 
@@ -159,10 +205,16 @@ def _make_site(name: str, router: nn.Module, parent: Optional[nn.Module], logits
                 f"router {name!r} ({type(router).__name__}): no sibling `experts` module receives its selection "
                 f"and lrc_kernels.hf.routers has no rule for this class; capture is not supported for it")
     else:
-        capture_module = getattr(router, rule.capture)
+        capture_module = functools.reduce(getattr, rule.capture.split("."), router)
+    if rule.refuse is not None:
+        reason = rule.refuse(router, capture_module)
+        if reason is not None:
+            raise ValueError(f"router {name!r} ({type(router).__name__}): capture refused: {reason}")
     experts = getattr(parent, "experts", None)
-    num_experts = _first_int_attr("num_experts", router, experts, parent)
-    top_k = rule.top_k or _first_int_attr("top_k", router, parent)
+    sized = getattr(router, rule.sizes_from) if rule.sizes_from else router
+    num_experts = _first_int_attr("num_experts", sized, experts, parent)
+    top_k = rule.top_k or _first_int_attr("top_k", sized, parent) or (
+        _first_int_attr(rule.top_k_config, getattr(router, "config", None)) if rule.top_k_config else None)
     if num_experts is None or top_k is None:
         raise ValueError(f"router {name!r} ({type(router).__name__}): cannot tell its number of experts and top-k "
                          f"(no int `num_experts`/`top_k` on the router, its experts or its block)")
@@ -206,10 +258,11 @@ def find_routers(model: nn.Module) -> list[RouterSite]:
             seen.add(id(module))
             sites.append(_make_site(name, module, parent_of(name), spec[3]))
 
-    # Structural discovery: routers the declaration misses share their experts class with declared ones.
-    experts_classes = {type(site.capture_module) for site in sites if site.kind == EXPERTS_ARGS}
-    for name, module in modules.items():
-        if type(module) not in experts_classes or name.rpartition(".")[2] != "experts":
+    # Structural discovery: routers the declaration misses (DeepSeek-V4's hash routers, also in a model whose
+    # every MoE layer is hash-routed) sit next to an ``experts`` module, outside every declared router.
+    declared_names = [site.name + "." for site in sites]
+    for name, module in modules.items() if specs else ():
+        if name.rpartition(".")[2] != "experts" or any(name.startswith(prefix) for prefix in declared_names):
             continue
         parent = parent_of(name)
         for child_name, child in parent.named_children():

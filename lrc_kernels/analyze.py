@@ -235,7 +235,7 @@ def report(statistics: Statistics, *, num_bootstrap: int = 200, confidence: floa
         weights = resample_weights(statistics.num_sequences, num_bootstrap, torch.Generator().manual_seed(seed))
     results = _streams_report(statistics, weights, confidence)
     if statistics.phases:
-        results["phases"] = {name: _streams_report(part, weights, confidence)
+        results["phases"] = {name: {**_streams_report(part, weights, confidence), "num_tokens": part.num_tokens}
                              for name, part in statistics.phases.items()}
     from . import __version__
 
@@ -273,8 +273,9 @@ def analyze(trace, *, seg_lens: Sequence[int] = (4, 16, 64, 256),
 
     Returns:
         ``{"layers": [{"layer": i, "name": ..., "srp": {"L": SRPScore.to_dict()}, "cache": {"sch@L" | policy:
-        {"hit_rate", "ci_low", "ci_high"}}, "coverage": {"L": [E floats]}}], "model": {...}, "meta": {...}}``
-        plus ``"phases": {"prefill": {"layers", "model"}, "decode": {...}}`` for a trace with phase marks
+        {"hit_rate", "ci_low", "ci_high", "hits", "references"}}, "coverage": {"L": [E floats]}}], "model": {...},
+        "meta": {...}}`` (``hits``: E ints summed over sequences) plus ``"phases": {"prefill": {"layers", "model",
+        "num_tokens"}, "decode": {...}}`` for a trace with phase marks
         analysed with ``phase="all"``. Lists are plain Python floats; absent CIs are ``None``.
 
     Example:

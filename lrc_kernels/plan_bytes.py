@@ -174,10 +174,10 @@ class SplitCost:
     Attributes:
         sizes: slots per layer. slots: their sum. hits, references: totals over layers.
         hit_rate: ``hits / references`` (pooled over all references; NaN without references).
-        misses_per_token: ``(references - hits) / tokens``, over all layers.
+        misses_per_token: ``(references - hits) / tokens``, over all layers (NaN without tokens).
         bytes_per_token: ``misses_per_token · expert_bytes`` (None without an expert size).
         tokens_per_s_ceiling: ``bandwidth_gbs · 1e9 / bytes_per_token``, the transfer-bound decode-rate ceiling
-            (None without an expert size or without misses). Not a latency model.
+            (None without an expert size, misses or tokens). Not a latency model.
     """
 
     sizes: list
@@ -215,9 +215,9 @@ def split_cost(hits, sizes: torch.Tensor, references: int, tokens: int, *, exper
     references = check_int(references, "references", minimum=0)
     if references < total_hits:
         raise ValueError(f"references: expected at least the split's {total_hits} hits, received {references}")
-    tokens = check_int(tokens, "tokens", minimum=1)
+    tokens = check_int(tokens, "tokens", minimum=0)
     bandwidth_gbs = _check_positive_float(bandwidth_gbs, "bandwidth_gbs")
-    misses_per_token = (references - total_hits) / tokens
+    misses_per_token = (references - total_hits) / tokens if tokens else math.nan
     bytes_per_token = ceiling = None
     if expert_bytes is not None:
         bytes_per_token = misses_per_token * check_int(expert_bytes, "expert_bytes", minimum=1)

@@ -104,13 +104,25 @@ def plan_section(results: dict, *, total_slots: Optional[int] = None, cache_gib:
         min_slots, bandwidth_gbs, targets: as in :func:`lrc_kernels.allocate_cache`, :func:`split_cost`,
             :func:`lrc_kernels.cache_size_for`.
     """
-    keys = policy_keys(results)
-    tokens = int(results["meta"]["num_tokens"])
     budget = resolve_budget(results, total_slots=total_slots, cache_gib=cache_gib, expert_bytes=expert_bytes)
+    options = {"budget": budget, "expert_bytes": expert_bytes, "min_slots": min_slots,
+               "bandwidth_gbs": bandwidth_gbs, "targets": targets}
+    section = {"targets": list(targets), "min_slots": min_slots, "expert_bytes": expert_bytes,
+               "expert_size_rule": expert_rule, "bandwidth_gbs": float(bandwidth_gbs), "budget": budget,
+               **_streams_plan(results, int(results["meta"]["num_tokens"]), **options)}
+    if results.get("phases"):  # the same budget on the prompt tokens alone and on the generated ones alone
+        section["phases"] = {name: _streams_plan(part, int(part["num_tokens"]), **options)
+                             for name, part in results["phases"].items()}
+    return section
+
+
+def _streams_plan(streams: dict, tokens: int, *, budget, expert_bytes, min_slots, bandwidth_gbs, targets) -> dict:
+    """Per-policy plan and regret of one set of streams (``{"layers", "model"}``) over ``tokens`` tokens."""
+    keys = policy_keys(streams)
     policies = {}
     for key in keys:
-        hits, references = _layer_hits(results, key)
-        layer_references = [int(entry["cache"][key]["references"]) for entry in results["layers"]]
+        hits, references = _layer_hits(streams, key)
+        layer_references = [int(entry["cache"][key]["references"]) for entry in streams["layers"]]
         rates = [layer.to(torch.float64) / count if count else torch.full_like(layer, math.nan, dtype=torch.float64)
                  for layer, count in zip(hits, layer_references)]
         optimal = allocate_cache(hits, budget["slots"], min_slots=min_slots)
@@ -121,11 +133,10 @@ def plan_section(results: dict, *, total_slots: Optional[int] = None, cache_gib:
             "optimal": _cost_dict(hits, optimal, references, tokens, expert_bytes, bandwidth_gbs),
             "uniform": _cost_dict(hits, uniform, references, tokens, expert_bytes, bandwidth_gbs),
         }
-    return {"targets": list(targets), "min_slots": min_slots, "tokens": tokens,
-            "experts_per_layer": [len(entry["cache"][keys[0]]["hits"]) for entry in results["layers"]],
-            "references": [int(entry["cache"][keys[0]]["references"]) for entry in results["layers"]],
-            "expert_bytes": expert_bytes, "expert_size_rule": expert_rule, "bandwidth_gbs": float(bandwidth_gbs),
-            "budget": budget, "policies": policies, "regret": _regret(results, keys)}
+    return {"tokens": tokens,
+            "experts_per_layer": [len(entry["cache"][keys[0]]["hits"]) for entry in streams["layers"]],
+            "references": [int(entry["cache"][keys[0]]["references"]) for entry in streams["layers"]],
+            "policies": policies, "regret": _regret(streams, keys)}
 
 
 def hit_rate_by_budget(results: dict, key: str, *, min_slots: int = 0) -> dict:

@@ -101,7 +101,8 @@ def test_phases_are_the_selected_tokens_with_the_same_weights():
     for phase in ("prefill", "decode"):
         alone = analyze(trace, seg_lens=SEG_LENS, num_bootstrap=B, seed=SEED, phase=phase)
         selected = analyze(trace.select(phase), seg_lens=SEG_LENS, num_bootstrap=B, seed=SEED)
-        assert _same(results["phases"][phase], {"layers": alone["layers"], "model": alone["model"]})
+        assert _same(results["phases"][phase], {"layers": alone["layers"], "model": alone["model"],
+                                                "num_tokens": alone["meta"]["num_tokens"]})
         assert _same(alone["model"], selected["model"]) and alone["meta"]["phase"] == phase
         assert "phases" not in alone and alone["meta"]["num_sequences"] == S
 

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import lrc_kernels as lk
+from lrc_kernels.analyze import analyze
 from lrc_kernels.cli.main import main
+from lrc_kernels.cli.plan import plan_block
 from lrc_kernels.plan_report import DEFAULT_TARGETS, hit_rate_by_budget, plan_section
 
 from conftest import generate_trace
@@ -108,6 +110,16 @@ def test_plan_command_replans_a_saved_report(traced, tmp_path, capsys):
                                                            bandwidth_gbs=5.0)))
     assert sorted(p.name for p in (tmp_path / "gib").iterdir()) == ["plan.json"]
 
+    config = tmp_path / "model" / "config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps({"model_type": "qwen3_moe", "hidden_size": 64, "moe_intermediate_size": 16,
+                                  "dtype": "bfloat16"}))
+    assert main(["plan", str(out / "results.json"), "--config", str(config.parent), "--out", str(tmp_path / "cfg"),
+                 "--no-plots", "--quiet"]) == 0
+    from_config = json.loads((tmp_path / "cfg" / "plan.json").read_text())
+    assert from_config["expert_bytes"] == 3 * 64 * 16 * 2
+    assert from_config["expert_size_rule"] == "qwen3_moe: 3 x 64 x 16 weights at 2 B (bfloat16)"
+
 
 def test_plan_errors_are_one_line_naming_the_option(traced, tmp_path, capsys):
     _, _, out, results = traced
@@ -140,6 +152,36 @@ def test_plan_errors_are_one_line_naming_the_option(traced, tmp_path, capsys):
                 ["--cache-gib", "1", "--cache-slots", "3"]):
         assert main(["plan", saved, *bad]) == 2
         assert "lrc-kernels plan: error: argument" in capsys.readouterr().err
+
+
+def _phased_trace(decode_from):
+    topk = torch.stack([generate_trace("sticky", 4, 20, K, E, seed=layer) for layer in range(2)])
+    phase = (torch.arange(20) >= decode_from).to(torch.uint8).repeat(4, 1)
+    return lk.RoutingTrace(topk, num_experts=E, phase=phase)
+
+
+def test_phase_plans_are_the_plans_of_each_phase_alone():
+    trace = _phased_trace(decode_from=8)
+    section = plan_section(analyze(trace, seg_lens=(4,), num_bootstrap=0), total_slots=6, expert_bytes=10)
+    assert sorted(section["phases"]) == ["decode", "prefill"]
+    for name, tokens in (("prefill", 4 * 8), ("decode", 4 * 12)):
+        alone = plan_section(analyze(trace, seg_lens=(4,), num_bootstrap=0, phase=name), total_slots=6,
+                             expert_bytes=10)
+        assert section["phases"][name] == {key: alone[key] for key in section["phases"][name]}
+        assert section["phases"][name]["tokens"] == tokens
+    assert "\nplan of the decode tokens alone (48 tokens), same budget:\n" in plan_block(section)
+
+
+def test_a_phase_without_tokens_plans_nothing_and_prints_dashes():
+    section = plan_section(analyze(_phased_trace(decode_from=20), seg_lens=(4,), num_bootstrap=0),
+                           expert_bytes=10)
+    decode = section["phases"]["decode"]
+    assert decode["tokens"] == 0 and decode["references"] == [0, 0]
+    lru = decode["policies"]["lru"]
+    assert lru["optimal"]["sizes"] == [0, 0] and math.isnan(lru["optimal"]["hit_rate"])
+    assert lru["knee"] == [-1, -1] and lru["optimal"]["tokens_per_s_ceiling"] is None
+    last_rows = plan_block(section).splitlines()[-5:-1]
+    assert all(row.split()[1:] == ["-", "-", "-", "-", "0", "0", "-", "-", "-", "-", "-", "-"] for row in last_rows)
 
 
 # ------------------------------------------------------------------------------ docs/planning.md and demo

@@ -92,7 +92,7 @@ def add_plan(results: dict, args, model_config=None, saved: Optional[dict] = Non
 
 
 def _size(num_bytes: Optional[float]) -> str:
-    if num_bytes is None:
+    if num_bytes is None or math.isnan(num_bytes):
         return "-"
     for unit in ("B", "KiB", "MiB", "GiB"):
         if num_bytes < 1024 or unit == "GiB":
@@ -109,30 +109,42 @@ def _per_layer(values: list) -> str:
     return " ".join("-" if v < 0 else str(v) for v in values)
 
 
+def _policy_table(streams_plan: dict) -> list[str]:
+    header = ["policy", "knee/layer", "m@0.9/layer", "optimal split", "hit", "uniform", "vs belady",
+              "misses/token", "bytes/token", "tokens/s ceiling"]
+    rows = []
+    belady = streams_plan["policies"].get("belady", {}).get("optimal", {}).get("hit_rate")
+    for key, entry in streams_plan["policies"].items():
+        optimal, uniform = entry["optimal"], entry["uniform"]
+        ceiling = optimal["tokens_per_s_ceiling"]
+        rows.append([key, _per_layer(entry["knee"]), _per_layer(entry["size_for_target"].get("0.9", [])),
+                     _per_layer(optimal["sizes"]), _rate(optimal["hit_rate"]), _rate(uniform["hit_rate"]),
+                     "-" if belady is None else _rate(optimal["hit_rate"] - belady, "+.3f"),
+                     _rate(optimal["misses_per_token"], ".3g"), _size(optimal["bytes_per_token"]),
+                     "-" if ceiling is None else f"{ceiling:,.0f}" if ceiling >= 100 else f"{ceiling:.3g}"])
+    widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(len(header))]
+    return ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in [header] + rows]
+
+
+def _rate(value, spec: str = ".3f") -> str:
+    return "-" if value is None or math.isnan(value) else format(value, spec)
+
+
 def plan_block(plan: dict) -> str:
     """The printed plan: per policy, knee and sizes for 0.9 per layer, optimal vs uniform split at the budget."""
     budget = plan["budget"]
-    size_note = (f"one expert {_size(plan['expert_bytes'])} ({plan['expert_size_rule']})"
-                 if plan["expert_bytes"] is not None else "expert size unknown (give --expert-bytes or --config)")
+    size_note = "expert size unknown (give --expert-bytes or --config)"
+    if plan["expert_bytes"] is not None:
+        rule = plan["expert_size_rule"]
+        size_note = f"one expert {_size(plan['expert_bytes'])}" + (f" ({rule})" if rule else "")
     lines = [f"plan: budget {budget['slots']} slots"
              + (f" = {_size(budget['gib'] * 2**30)}" if budget["gib"] is not None else "")
              + f" ({budget['source']}"
              + (", holds every expert" if budget["slots"] >= sum(plan["experts_per_layer"]) else "")
              + f"); {size_note}"]
-    header = ["policy", "knee/layer", "m@0.9/layer", "optimal split", "hit", "uniform", "vs belady",
-              "misses/token", "bytes/token", "tokens/s ceiling"]
-    rows = []
-    belady = plan["policies"].get("belady", {}).get("optimal", {}).get("hit_rate")
-    for key, entry in plan["policies"].items():
-        optimal, uniform = entry["optimal"], entry["uniform"]
-        ceiling = optimal["tokens_per_s_ceiling"]
-        rows.append([key, _per_layer(entry["knee"]), _per_layer(entry["size_for_target"].get("0.9", [])),
-                     _per_layer(optimal["sizes"]), f"{optimal['hit_rate']:.3f}", f"{uniform['hit_rate']:.3f}",
-                     "-" if belady is None else f"{optimal['hit_rate'] - belady:+.3f}",
-                     f"{optimal['misses_per_token']:.3g}", _size(optimal["bytes_per_token"]),
-                     "-" if ceiling is None else f"{ceiling:,.0f}" if ceiling >= 100 else f"{ceiling:.3g}"])
-    widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(len(header))]
-    lines += ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in [header] + rows]
+    lines += _policy_table(plan)
+    for name, part in plan.get("phases", {}).items():
+        lines += [f"plan of the {name} tokens alone ({part['tokens']} tokens), same budget:"] + _policy_table(part)
     lines.append(f"pooled hit rates of one cache per layer on the traced tokens; 'vs belady' compares optimal "
                  f"splits; the ceiling is transfer-bound at {plan['bandwidth_gbs']:g} GB/s (each miss loads one "
                  "expert; compute and latency ignored), not a latency model")

@@ -73,7 +73,7 @@ def test_trace_jsonl_fills_gaps_with_minus_one_and_keeps_lengths(tmp_path):
     assert run_cli("trace", path, "--num-experts", 4, "--seg-lens", 2, "--num-bootstrap", 0,
                    "--out", tmp_path / "out", "--no-plots", "--quiet") == 0
     results = read_results(tmp_path / "out")
-    assert results["meta"]["lengths"] == [4, 3]
+    assert results["meta"]["num_tokens"] == 4 + 3 and results["meta"]["seq_len"] == 4
     layer = results["layers"][0]
     assert layer["srp"]["2"]["best_f1"] == 3 / 4 and layer["srp"]["2"]["act_r"] == 0.3
     assert layer["cache"]["lru"]["hit_rate"] == [0.4, 0.8, 1.0, 1.0]
@@ -200,16 +200,18 @@ def _bad_inputs(directory):
         (["trace", directory / "missing.npz", "--num-experts", 4], "missing.npz: no such file"),
         (["trace", directory / "flat.npz", "--num-experts", 4], "shape [S, T, k] or [layers, S, T, k]"),
         (["trace", directory / "noseq.npz", "--num-experts", 4], "of shape [0, 10, 2] holds no routing"),
-        (["trace", directory / "floats.npz", "--num-experts", 4], "must hold integers"),
-        (["trace", directory / "nokey.npz", "--num-experts", 4], "no tensor named 'topk' (found: experts)"),
+        (["trace", directory / "floats.npz", "--num-experts", 4], "'topk' must hold signed integers (int8/16/32/64, as the API accepts), found dtype float64"),
+        (["trace", directory / "nokey.npz", "--num-experts", 4, "--format", "lrc"], "no tensor named 'topk' (found: experts)"),
         (["trace", directory / "badlen.npz", "--num-experts", 4], "lengths[1] = 11 is outside [0, T] = [0, 10]"),
-        (["trace", directory / "dup.npz", "--num-experts", 4], "[2, 2] at [layer 0, seq 0, pos 1] repeat an id"),
-        (["trace", good, "--num-experts", 3], "is >= --num-experts 3"),
+        (["trace", directory / "dup.npz", "--num-experts", 4], "dup.npz: RoutingTrace.topk: expected distinct expert ids within a token's row (-1 may repeat), "
+                                                           "received [2, 2] at row (0, 0, 1)"),
+        (["trace", good, "--num-experts", 3], "good.npz: RoutingTrace.topk: expected expert ids in [-1, 3)"),
         (["trace", directory / "garbage.safetensors", "--num-experts", 4], "cannot read as safetensors"),
-        (["trace", directory / "trace.csv", "--num-experts", 4], "unknown trace format '.csv'"),
+        (["trace", directory / "trace.csv", "--num-experts", 4], "trace.csv: cannot recognise the format"),
         (["trace", directory / "badline.jsonl", "--num-experts", 4], "badline.jsonl:2: invalid JSON"),
         (["trace", directory / "nofield.jsonl", "--num-experts", 4], "nofield.jsonl:2: missing field 'pos'"),
-        (["trace", directory / "bigid.jsonl", "--num-experts", 4], "bigid.jsonl:2: expert id 9 is outside"),
+        (["trace", directory / "bigid.jsonl", "--num-experts", 4], "bigid.jsonl: RoutingTrace.topk: expected expert ids in [-1, 4) "
+                                                                           "(num_experts = 4), received 9 at index (0, 0, 1, 0)"),
         (["trace", directory / "empty.jsonl", "--num-experts", 4], "no routing records"),
         (["trace", good, "--num-experts", 4, "--num-bootstrap", 5], "num_bootstrap"),
         (["analyze", directory / "no-model", "--text", good], "is not a local model directory"),
@@ -229,8 +231,8 @@ def test_malformed_inputs_give_one_line_and_exit_1(tmp_path, capsys):
 
 
 def test_bad_command_line_exits_2(capsys):
-    assert main(["trace", "x.npz"]) == 2                      # --num-experts missing
-    assert "--num-experts" in capsys.readouterr().err
+    assert main(["trace"]) == 2                               # FILE missing
+    assert "FILE" in capsys.readouterr().err
     assert main(["trace", "x.npz", "--num-experts", "0"]) == 2
     assert main(["--help"]) == 0
 

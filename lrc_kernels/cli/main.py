@@ -14,6 +14,7 @@ from lrc_kernels.plan_bytes import DEFAULT_BANDWIDTH_GBS
 from .plan import (add_plan, add_plan_command, add_plan_options, plan_block, run_plan_command,
                    write_plan_plot)
 from .report import UsageError, summary_table, write_results
+from .trace import add_arguments as add_trace_arguments
 
 PROG = "lrc-kernels"
 DEFAULT_SEG_LENS = (4, 16, 64)
@@ -82,13 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report_options(analyze)
     add_plan_options(analyze, config_option=False)
 
-    trace = commands.add_parser("trace", help="report on saved routing (.npz, .safetensors, .pt, .jsonl)",
-                                description="Report on saved routing; formats in docs/formats.md.")
-    trace.add_argument("file", type=pathlib.Path, metavar="FILE", help="routing trace file")
-    trace.add_argument("--num-experts", type=_positive_int, required=True, metavar="E",
-                       help="routed experts per layer; ids must lie in [-1, E)")
+    trace = commands.add_parser("trace", help="report on saved routing: our files, vLLM, SGLang, Megatron-Core",
+                                description="Report on saved routing, one file or many (summed); formats in "
+                                            "docs/formats.md. Under torchrun the files are sharded over ranks.")
+    add_trace_arguments(trace, _positive_int)
     _add_report_options(trace)
-    add_plan_options(trace)
+    add_plan_options(trace, config_option=False)   # trace's --model-config (alias --config) gives the expert size
 
     demo = commands.add_parser("demo", help="analyze the built-in tiny MoE on its shipped sample text",
                                description="Same as 'analyze default --text <shipped sample>' with small settings "
@@ -107,16 +107,21 @@ def _run_report(trace, args, meta: dict, started: float, model_config=None) -> i
     results = analyze(trace, seg_lens=args.seg_lens, num_bootstrap=args.num_bootstrap,
                       confidence=args.confidence, seed=args.seed, phase=args.phase)
     results["meta"].update(meta)
+    return _write_report(results, args, started, model_config)
+
+
+def _write_report(results: dict, args, started: float, model_config=None) -> int:
     results["meta"]["seconds"] = round(time.perf_counter() - started, 2)
     add_plan(results, args, model_config)
+    top_k, title = results["meta"]["top_k"], results["meta"].get("title", "")
     paths = write_results(results, args.out)
     if not args.no_plots:
         from .plots import write_plots
 
-        paths += write_plots(results, trace.top_k, args.out, meta.get("title", ""))
-        paths += write_plan_plot(results, args.out, meta.get("title", ""))
+        paths += write_plots(results, top_k, args.out, title)
+        paths += write_plan_plot(results, args.out, title)
     if not args.quiet:
-        print(summary_table(results, trace.top_k))
+        print(summary_table(results, top_k))
         print(plan_block(results["plan"]))
         print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0
@@ -162,17 +167,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             bootstrap_indices(args.num_bootstrap, args.confidence)
         if args.command == "analyze":
             return _analyze(args, started)
-        from .trace import load_trace
+        from .trace import run
 
-        from lrc_kernels.trace import RoutingTrace
-
-        routing = load_trace(args.file, args.num_experts)
-        trace = RoutingTrace(routing.topk, routing.lengths, num_experts=routing.num_experts,
-                             layer_names=routing.names)
-        meta = {"command": "trace", "trace": str(args.file), "title": args.file.name}
-        if routing.lengths is not None:
-            meta["lengths"] = routing.lengths.tolist()
-        return _run_report(trace, args, meta, started)
+        results = run(args)
+        return 0 if results is None else _write_report(results, args, started, args.model_config)
     except (UsageError, ValueError, TypeError, OSError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"{PROG}: error: {message}", file=sys.stderr)

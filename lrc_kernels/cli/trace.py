@@ -1,210 +1,136 @@
-"""Load saved routing (``lrc-kernels trace``): tensor files and JSON-lines logs, see docs/formats.md.
+"""``lrc-kernels trace FILE [FILE ...]``: saved routing of our files and of vLLM, SGLang and Megatron-Core dumps.
 
-Every loader returns a :class:`~lrc_kernels.cli.report.Routing` or raises
-:class:`~lrc_kernels.cli.report.UsageError` with a one-line message naming the file and the problem.
+Files are read one at a time (:mod:`lrc_kernels.io`) and reduced to exact additive statistics
+(:func:`lrc_kernels.analyze.collect_statistics`), which are summed in file order, so memory holds one file's
+routing plus per-sequence integers, never the whole workload. Under ``torchrun`` the files are sharded over the
+ranks and the statistics all-reduced (:mod:`lrc_kernels.cli.distributed`).
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import pathlib
+import sys
+import warnings
 from typing import Optional
 
-import torch
+from lrc_kernels.io import FORMATS, ReadOptions, TraceReadWarning, expand_paths, options_from_model_config, read_trace
 
-from .report import Routing, UsageError
-
-TENSOR_SUFFIXES = (".npz", ".safetensors", ".pt", ".pth")
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
+from .report import UsageError
 
 
-def _as_int_tensor(value, path: pathlib.Path, key: str) -> torch.Tensor:
-    tensor = torch.as_tensor(value)
-    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
-        raise UsageError(f"{path}: '{key}' must hold integers, found dtype {tensor.dtype}")
-    if tensor.dtype == torch.uint8:
-        tensor = tensor.to(torch.int64)
-    return tensor.to(torch.int64)
+def add_arguments(parser: argparse.ArgumentParser, positive_int) -> None:
+    parser.add_argument("files", nargs="+", metavar="FILE",
+                        help="trace files, directories (their files) or quoted globs")
+    parser.add_argument("--format", choices=FORMATS, default="auto",
+                        help="file format, see docs/formats.md; 'auto' recognises it from the content "
+                             "(default: %(default)s)")
+    parser.add_argument("--num-experts", type=positive_int, default=None, metavar="E",
+                        help="routed experts per layer; ids must lie in [-1, E) (not needed for trace files "
+                             "written by RoutingTrace.save or SGLang dumps)")
+    parser.add_argument("--layers", default=None, metavar="SPEC",
+                        help="keep these layer numbers, e.g. 1-47 or 1,3,5 (vLLM/SGLang dumps count dense "
+                             "layers too)")
+    parser.add_argument("--num-layers", type=positive_int, default=None, metavar="N",
+                        help="layers of SGLang's raw routed_experts bytes (or: layers of the model)")
+    parser.add_argument("--top-k", type=positive_int, default=None, metavar="K",
+                        help="experts per token of SGLang's raw routed_experts bytes")
+    parser.add_argument("--model-config", "--config", type=pathlib.Path, default=None, metavar="CONFIG",
+                        help="a model's config.json giving --num-layers, --top-k, --num-experts and the expert "
+                             "size of the cache plan")
+    parser.add_argument("--micro-batch-size", type=positive_int, default=None, metavar="B",
+                        help="Megatron: sequences per micro-batch, to split its [s, b] token order")
 
 
-def _read_tensors(path: pathlib.Path) -> dict:
-    suffix = path.suffix.lower()
+def read_options(args) -> ReadOptions:
+    options = ReadOptions(num_experts=args.num_experts, layers=args.layers, num_layers=args.num_layers,
+                          top_k=args.top_k, micro_batch_size=args.micro_batch_size)
+    if args.model_config is not None:
+        options = options_from_model_config(args.model_config, options)
+    return options
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled or not sys.stderr.isatty():   # a log file gets no bar
+        return None
     try:
-        if suffix == ".npz":
-            import numpy as np
-
-            with np.load(path, allow_pickle=False) as archive:
-                return {key: archive[key] for key in archive.files}
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except UsageError:
-        raise
-    except Exception as error:  # the readers raise many unrelated types on corrupt input
-        raise UsageError(f"{path}: cannot read as {suffix[1:]}: {type(error).__name__}: {error}".splitlines()[0])
-    if isinstance(loaded, torch.Tensor):
-        return {"topk": loaded}
-    if isinstance(loaded, dict):
-        return loaded
-    raise UsageError(f"{path}: expected a tensor or a dict with a 'topk' tensor, found {type(loaded).__name__}")
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="trace files", unit="file", file=sys.stderr, leave=False)
 
 
-def load_tensor_trace(path: pathlib.Path, num_experts: int) -> Routing:
-    """``topk`` ``[S, T, k]`` (one layer) or ``[layers, S, T, k]``, optional ``lengths [S]`` and ``layers [n]``."""
-    tensors = _read_tensors(path)
-    if "topk" not in tensors:
-        raise UsageError(f"{path}: no tensor named 'topk' (found: {', '.join(sorted(map(str, tensors))) or 'none'})")
-    topk = _as_int_tensor(tensors["topk"], path, "topk")
-    if topk.ndim not in (3, 4):
-        raise UsageError(f"{path}: 'topk' must have shape [S, T, k] or [layers, S, T, k], "
-                         f"found shape {list(topk.shape)}")
-    if 0 in topk.shape:
-        raise UsageError(f"{path}: 'topk' of shape {list(topk.shape)} holds no routing (a zero-sized dimension)")
-    if topk.ndim == 3:
-        topk = topk.unsqueeze(0)
-    lengths = None
-    if "lengths" in tensors:
-        lengths = _as_int_tensor(tensors["lengths"], path, "lengths")
-        if list(lengths.shape) != [topk.shape[1]]:
-            raise UsageError(f"{path}: 'lengths' must have shape [S] = [{topk.shape[1]}], found {list(lengths.shape)}")
-        bad = (lengths < 0) | (lengths > topk.shape[2])
-        if bool(bad.any()):
-            s = int(bad.nonzero()[0, 0])
-            raise UsageError(f"{path}: lengths[{s}] = {int(lengths[s])} is outside [0, T] = [0, {topk.shape[2]}]")
-    layers = list(range(topk.shape[0]))
-    if "layers" in tensors:
-        numbers = _as_int_tensor(tensors["layers"], path, "layers")
-        if list(numbers.shape) != [topk.shape[0]]:
-            raise UsageError(f"{path}: 'layers' must have one entry per layer ({topk.shape[0]}), "
-                             f"found shape {list(numbers.shape)}")
-        layers = numbers.tolist()
-    _check_ids(topk, lengths, num_experts, path)
-    return Routing(topk=topk, num_experts=num_experts, layers=layers, lengths=lengths,
-                   names=[f"layer {layer}" for layer in layers])
+def _file_statistics(path: pathlib.Path, args, options: ReadOptions):
+    from lrc_kernels.analyze import collect_statistics
 
-
-def _check_ids(topk: torch.Tensor, lengths: Optional[torch.Tensor], num_experts: int, path: pathlib.Path) -> None:
-    """Ids in [-1, E) and no valid id twice in a row, for the tokens inside ``lengths``."""
-    valid = torch.ones(topk.shape[1:3], dtype=torch.bool)
-    if lengths is not None:
-        valid = torch.arange(topk.shape[2]) < lengths[:, None]
-    valid = valid.expand(topk.shape[0], -1, -1)[..., None]
-    bad = ((topk < -1) | (topk >= num_experts)) & valid
-    if bool(bad.any()):
-        layer, seq, pos, slot = (int(i) for i in bad.nonzero()[0])
-        value = int(topk[layer, seq, pos, slot])
-        reason = f">= --num-experts {num_experts}" if value >= num_experts else "< -1"
-        raise UsageError(f"{path}: expert id {value} at [layer {layer}, seq {seq}, pos {pos}, slot {slot}] is {reason}")
-    ordered = topk.sort(dim=-1).values
-    repeated = ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any(-1) & valid[..., 0]
-    if bool(repeated.any()):
-        layer, seq, pos = (int(i) for i in repeated.nonzero()[0])
-        raise UsageError(f"{path}: expert ids {topk[layer, seq, pos].tolist()} at [layer {layer}, seq {seq}, "
-                         f"pos {pos}] repeat an id")
-
-
-def _field(record: dict, name: str, path: pathlib.Path, line: int, *, required: bool = True, default=None):
-    if name not in record:
-        if required:
-            raise UsageError(f"{path}:{line}: missing field '{name}'")
-        return default
-    return record[name]
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def load_jsonl_trace(path: pathlib.Path, num_experts: int) -> Routing:
-    """One JSON object per line: ``{"layer": 0, "seq": "req-17", "pos": 5, "experts": [3, 7]}``.
-
-    ``layer`` defaults to 0; ``seq`` is any string or integer; ``pos`` is the token position (>= 0);
-    ``experts`` lists the token's experts in processing order (``-1`` = no expert). Sequences keep the
-    order of their first record. A sequence's length is its largest ``pos`` + 1 over all layers;
-    positions without a record, and rows shorter than the longest, are filled with ``-1``.
-    """
-    records = []
+    trace = read_trace(path, args.format, options)
     try:
-        handle = path.open("r", encoding="utf-8")
-    except OSError as error:
-        raise UsageError(f"{path}: cannot open: {error.strerror}")
-    with handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UsageError(f"{path}:{line_number}: invalid JSON: {error.msg} (column {error.colno})")
-            if not isinstance(record, dict):
-                raise UsageError(f"{path}:{line_number}: expected a JSON object, found {type(record).__name__}")
-            layer = _field(record, "layer", path, line_number, required=False, default=0)
-            seq = _field(record, "seq", path, line_number)
-            pos = _field(record, "pos", path, line_number)
-            experts = _field(record, "experts", path, line_number)
-            if not _is_int(layer) or layer < 0:
-                raise UsageError(f"{path}:{line_number}: 'layer' must be an integer >= 0, found {layer!r}")
-            if not (isinstance(seq, str) or _is_int(seq)):
-                raise UsageError(f"{path}:{line_number}: 'seq' must be a string or an integer, found {seq!r}")
-            if not _is_int(pos) or pos < 0:
-                raise UsageError(f"{path}:{line_number}: 'pos' must be an integer >= 0, found {pos!r}")
-            if not isinstance(experts, list) or not all(_is_int(e) for e in experts):
-                raise UsageError(f"{path}:{line_number}: 'experts' must be a list of integers, found {experts!r}")
-            for expert in experts:
-                if expert < -1 or expert >= num_experts:
-                    raise UsageError(f"{path}:{line_number}: expert id {expert} is outside [-1, --num-experts) "
-                                     f"= [-1, {num_experts})")
-            valid = [e for e in experts if e >= 0]
-            if len(set(valid)) != len(valid):
-                raise UsageError(f"{path}:{line_number}: 'experts' {experts} repeats an id")
-            records.append((line_number, layer, seq, pos, experts))
-    if not records:
-        raise UsageError(f"{path}: no routing records")
-
-    layer_numbers = sorted({layer for _, layer, _, _, _ in records})
-    layer_index = {layer: i for i, layer in enumerate(layer_numbers)}
-    seq_index: dict = {}
-    for _, _, seq, _, _ in records:
-        seq_index.setdefault((type(seq).__name__, seq), len(seq_index))
-    num_slots = max(len(experts) for *_, experts in records)
-    if num_slots == 0:
-        raise UsageError(f"{path}: every record has an empty 'experts' list")
-    lengths = torch.zeros(len(seq_index), dtype=torch.int64)
-    for _, _, seq, pos, _ in records:
-        s = seq_index[(type(seq).__name__, seq)]
-        lengths[s] = max(int(lengths[s]), pos + 1)
-    topk = torch.full((len(layer_numbers), len(seq_index), int(lengths.max()), num_slots), -1, dtype=torch.int64)
-    seen: dict = {}
-    for line_number, layer, seq, pos, experts in records:
-        key = (layer_index[layer], seq_index[(type(seq).__name__, seq)], pos)
-        if key in seen:
-            raise UsageError(f"{path}:{line_number}: duplicate record for layer {layer}, seq {seq!r}, pos {pos} "
-                             f"(first on line {seen[key]})")
-        seen[key] = line_number
-        topk[key][: len(experts)] = torch.tensor(experts, dtype=torch.int64)
-    return Routing(topk=topk, num_experts=num_experts, layers=layer_numbers, lengths=lengths,
-                   names=[f"layer {layer}" for layer in layer_numbers])
+        return collect_statistics(trace, seg_lens=args.seg_lens, phase=args.phase)
+    except (ValueError, TypeError) as error:   # the API's message names the field; add the file
+        raise UsageError(f"{path}: {str(error).splitlines()[0]}")
 
 
-def load_trace(path: pathlib.Path, num_experts: int) -> Routing:
-    """Dispatch on the file suffix (see :data:`TENSOR_SUFFIXES` and :data:`JSONL_SUFFIXES`)."""
-    if num_experts < 1:
-        raise UsageError(f"--num-experts must be >= 1, got {num_experts}")
-    if not path.exists():
-        raise UsageError(f"{path}: no such file")
-    if not path.is_file():
-        raise UsageError(f"{path}: not a regular file")
-    suffix = path.suffix.lower()
-    if suffix in JSONL_SUFFIXES:
-        routing = load_jsonl_trace(path, num_experts)
-    elif suffix in TENSOR_SUFFIXES:
-        routing = load_tensor_trace(path, num_experts)
-    else:
-        accepted = ", ".join(TENSOR_SUFFIXES + JSONL_SUFFIXES)
-        raise UsageError(f"{path}: unknown trace format '{suffix or '(no suffix)'}', expected one of {accepted}")
-    if routing.topk.shape[-1] > num_experts:
-        raise UsageError(f"{path}: k = {routing.topk.shape[-1]} expert slots per token exceed "
-                         f"--num-experts {num_experts}")
-    return routing
+def _warn_on_one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    prefix = "lrc-kernels: warning" if issubclass(category, TraceReadWarning) else category.__name__
+    print(f"{prefix}: {str(message).splitlines()[0]}", file=sys.stderr)
+
+
+def collect(args, rank: int = 0, world_size: int = 1):
+    """``(statistics of every file in file order, the files)``; under torchrun on every rank, and every rank
+    raises the first failed rank's error (none waits in a collective for a failed one)."""
+    files = expand_paths(args.files)
+    if world_size > len(files):
+        raise UsageError(f"{len(files)} files for {world_size} ranks: torchrun needs at least one file per rank")
+    options = read_options(args)
+    mine = list(range(rank, len(files), world_size))
+    bar = _progress(len(mine), not args.quiet and rank == 0)
+    parts, error = [], None
+    with warnings.catch_warnings():
+        warnings.showwarning = _warn_on_one_line
+        try:
+            for index in mine:
+                parts.append((index, _file_statistics(files[index], args, options)))
+                if bar is not None:
+                    bar.update(1)
+        except (ValueError, TypeError, OSError) as failure:
+            error = str(failure).splitlines()[0] if str(failure) else type(failure).__name__
+        finally:
+            if bar is not None:
+                bar.close()
+    if world_size > 1:
+        from .distributed import all_reduce_statistics, first_error
+
+        error = first_error(error)
+        if error is not None:
+            raise UsageError(error)
+        return all_reduce_statistics(parts, len(files)), files
+    if error is not None:
+        raise UsageError(error)
+    total = parts[0][1]
+    for index, statistics in parts[1:]:
+        try:
+            total = total + statistics
+        except ValueError as mismatch:
+            raise UsageError(f"{files[index]}: does not fit the files before it: {mismatch}")
+    return total, files
+
+
+def run(args) -> Optional[dict]:
+    """The report of ``args.files`` (rank 0), or None on the other ranks of a torchrun launch."""
+    from lrc_kernels.analyze import report
+
+    from .distributed import close, process_group
+
+    rank, world_size = process_group()
+    try:
+        statistics, files = collect(args, rank, world_size)
+    finally:
+        close()
+    if rank != 0:
+        return None
+    results = report(statistics, num_bootstrap=args.num_bootstrap, confidence=args.confidence, seed=args.seed)
+    results["meta"].update({"command": "trace", "files": [str(path) for path in files], "format": args.format,
+                            "title": files[0].name if len(files) == 1 else f"{len(files)} files"})
+    if len(files) > 1:
+        results["meta"]["source"] = [str(path) for path in files]
+    return results

@@ -33,7 +33,8 @@ __all__ = ["FORMATS", "ReadOptions", "TraceReadError", "TraceReadWarning", "dete
 
 
 def _first_json_line(path: pathlib.Path):
-    """``(record, problem)``: the first non-blank line's JSON value, or None and why it is not one."""
+    """``(record, problem)``: the first non-blank line's JSON value, or None and why it is not one; an empty
+    file is an error."""
     try:
         with open(path, "rb") as handle:
             for number, line in enumerate(handle, start=1):
@@ -44,7 +45,7 @@ def _first_json_line(path: pathlib.Path):
                         return None, f"line {number} is not JSON: {json_problem(error)}"
     except OSError as error:
         return None, f"cannot read: {error.strerror}"
-    return None, "no non-blank line"
+    raise TraceReadError(f"{path}: no routing records (the file is empty)")
 
 
 def _pickle_mentions(path: pathlib.Path, names: Iterable[bytes]) -> bool:

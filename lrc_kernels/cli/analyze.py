@@ -88,6 +88,34 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="batches", unit="batch", file=sys.stderr, disable=not enabled, leave=False)
 
 
+def generate_routing(model, input_ids: torch.Tensor, batch_size: int, new_tokens: int, *, pad_token_id: int,
+                     progress: bool = True) -> RoutingTrace:
+    """Greedy ``model.generate()`` of up to ``new_tokens`` tokens after each chunk of ``input_ids [S, T]``.
+
+    Returns:
+        the :meth:`RoutingRecorder.trace` of all batches: one row per chunk, its T prompt tokens (phase 0)
+        then the generated tokens the model forwarded (phase 1); a row that samples EOS stops there.
+    """
+    from lrc_kernels.hf.recorder import RoutingRecorder
+
+    try:
+        recorder = RoutingRecorder(model, accumulate=True)
+    except ValueError as error:
+        raise UsageError(f"--generate: {str(error).split(': ', 1)[-1]}")
+    device = next(model.parameters()).device
+    bar = _progress((input_ids.shape[0] + batch_size - 1) // batch_size, progress)
+    with torch.no_grad(), recorder:
+        for start in range(0, input_ids.shape[0], batch_size):
+            batch = input_ids[start:start + batch_size].to(device)
+            model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), max_new_tokens=new_tokens,
+                           do_sample=False, pad_token_id=pad_token_id)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return recorder.trace()
+
+
 def record_routing(model, input_ids: torch.Tensor, batch_size: int, *, stage: Optional[str] = None,
                    progress: bool = True):
     """Run ``model`` over ``input_ids [S, T]`` in batches and stack the recorded top-k of one stack's routers.

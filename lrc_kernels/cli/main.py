@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                                               "SRP, cache hit-rate curves and segment coverage.")
     analyze.add_argument("model", metavar="MODEL", help="local model directory, or 'default' for the built-in tiny MoE")
     analyze.add_argument("--text", type=pathlib.Path, required=True, metavar="FILE", help="UTF-8 text file")
+    analyze.add_argument("--generate", type=_non_negative_int, default=0, metavar="N",
+                         help="also generate up to N tokens (greedy) after each chunk of --seq-len tokens and "
+                              "report prefill and decode separately (default: %(default)s, no generation)")
+    analyze.add_argument("--save-trace", type=pathlib.Path, default=None, metavar="PATH",
+                         help="also write the recorded RoutingTrace to PATH (.safetensors)")
     _add_model_options(analyze)
     _add_report_options(analyze)
     add_plan_options(analyze, config_option=False)
@@ -128,17 +133,28 @@ def _write_report(results: dict, args, started: float, model_config=None) -> int
 
 
 def _analyze(args, started: float) -> int:
-    from .analyze import load_model, record_routing, resolve_model_dir, tokenize_text
+    from .analyze import generate_routing, load_model, record_routing, resolve_model_dir, tokenize_text
 
     model_dir = resolve_model_dir(args.model)
     if not args.text.is_file():
         raise UsageError(f"{args.text}: no such file")
     model, tokenizer = load_model(model_dir, args.device)
     input_ids = tokenize_text(tokenizer, args.text, args.seq_len, args.max_tokens)
-    routing = record_routing(model, input_ids, args.batch_size, stage=args.stage, progress=not args.quiet)
+    if args.generate:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        trace = generate_routing(model, input_ids, args.batch_size, args.generate, pad_token_id=pad or 0,
+                                 progress=not args.quiet)
+    else:
+        trace = record_routing(model, input_ids, args.batch_size, stage=args.stage, progress=not args.quiet)
     meta = {"command": "analyze", "model": str(model_dir), "model_type": model.config.model_type,
-            "text": str(args.text), "tokens": int(input_ids.numel()), "title": f"{model_dir.name} on {args.text.name}"}
-    return _run_report(routing, args, meta, started, model.config)
+            "text": str(args.text), "tokens": int(input_ids.numel()), "generate": args.generate,
+            "title": f"{model_dir.name} on {args.text.name}"}
+    if args.save_trace is not None:
+        trace.meta.update(meta)
+        args.save_trace.parent.mkdir(parents=True, exist_ok=True)
+        trace.save(args.save_trace)
+        meta["saved_trace"] = str(args.save_trace)
+    return _run_report(trace, args, meta, started, model.config)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -154,6 +170,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .analyze import SAMPLE_TEXT
 
             args.model, args.text, args.device, args.stage = "default", SAMPLE_TEXT, "cpu", None
+            args.generate, args.save_trace = 0, None
             args.seg_lens, args.confidence, args.seed, args.phase = list(DEFAULT_SEG_LENS), 0.95, 0, "all"
             args.cache_gib = args.cache_slots = args.expert_bytes = None
             args.bandwidth_gbs, args.min_slots = DEFAULT_BANDWIDTH_GBS, 0

@@ -60,6 +60,9 @@ def write_results(results: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
     json_path.write_text(json.dumps(_nan_to_null(results), indent=1, allow_nan=False) + "\n")
 
     streams = [(str(entry["layer"]), entry) for entry in results["layers"]] + [("model", results["model"])]
+    for phase, part in results.get("phases", {}).items():  # a generated workload: "prefill/0", "decode/model"
+        streams += [(f"{phase}/{entry['layer']}", entry) for entry in part["layers"]]
+        streams.append((f"{phase}/model", part["model"]))
     srp_path, cache_path, coverage_path = out_dir / "srp.csv", out_dir / "cache.csv", out_dir / "coverage.csv"
     with srp_path.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -116,6 +119,9 @@ def summary_table(results: dict, top_k: int) -> str:
         row = [name]
         for seg_len in seg_lens:
             score = entry["srp"][seg_len]
+            if score["support"] == 0:  # no complete window of L tokens: no score, not a score of 0
+                row.append("-")
+                continue
             cell = _format(score["best_f1"])
             if score["ci_low"] is not None or score["ci_high"] is not None:
                 cell += f" [{_format(score['ci_low'])},{_format(score['ci_high'])}]"
@@ -127,7 +133,7 @@ def summary_table(results: dict, top_k: int) -> str:
     widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in [header] + rows]
     note = (f"hit rates at m = 2k = {size} experts per layer, at most E (model: {size * num_layers} "
-            f"of the {num_layers}-layer stream); SRP = best F1 with its basic bootstrap CI")
+            f"of the {num_layers}-layer stream); SRP = best F1 with its basic bootstrap CI (- : no window of L)")
     if "phases" in results:
         note += "; prefill/decode = the model level of the prompt / generated tokens"
     return "\n".join(lines + [note])

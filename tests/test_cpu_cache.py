@@ -4,16 +4,18 @@ The property tests there draw at most 64 cache slots, where LFU, Belady and SCH 
 At model level the stack holds ``n·E`` slots, and LRU takes its depth from a count over all of them while the
 other policies run the scan kernel up to ``SCAN_MAX_SLOTS`` slots and the branching walk above; a few hundred
 slots are checked here with both kernels against the one-cache-per-size reference (a short trace keeps the
-reference fast).
+reference fast), and the walk's block skips on random small stacks with tiny blocks.
 """
 
 import functools
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lrc_kernels
-from conftest import generate_trace, random_lengths
+from conftest import generate_trace, random_lengths, routing_traces
 from lrc_kernels.cpu import cache as cpu_cache
 from reference import ref_cache_hits, ref_concat_layers
 
@@ -47,6 +49,23 @@ def test_model_level_stack_matches_reference(policy, seg_len, free_slot_hits, lo
     hits = lrc_kernels.cache_hits(stream, num_slots, policy, seg_len=seg_len, lengths=lengths,
                                   free_slot_hits=free_slot_hits, lookup=lookup, backend="cpu")
     assert torch.equal(hits, _reference_hits(policy, seg_len, free_slot_hits, lookup))
+
+
+@settings(max_examples=40, deadline=None)
+@given(routing_traces(max_e=40, max_k=5, max_t=60, max_s=2), st.sampled_from([1, 2, 3]),
+       st.sampled_from([("lfu", None), ("belady", None), ("sch", 1), ("sch", 4)]), st.booleans(),
+       st.sampled_from(["token", "sequential"]))
+def test_walk_with_block_skips_matches_reference(trace, log_block, policy_config, free_slot_hits, lookup):
+    """The deep-stack walk on small stacks with blocks of 2, 4 or 8 positions, so that skips happen often."""
+    topk, lengths, num_experts, _ = trace
+    policy, seg_len = policy_config
+    expected = ref_cache_hits(topk, lengths, num_experts, policy, seg_len, free_slot_hits, lookup)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_cache, "SCAN_MAX_SLOTS", 0)
+        patch.setattr(cpu_cache, "LOG_SKIP_BLOCK", log_block)
+        hits = lrc_kernels.cache_hits(topk, num_experts, policy, seg_len=seg_len, lengths=lengths,
+                                      free_slot_hits=free_slot_hits, lookup=lookup, backend="cpu")
+    assert torch.equal(hits, expected)
 
 
 def test_slot_count_guard_names_the_limit():

@@ -22,7 +22,9 @@ reference is O(d + 1) however deep the stack is. Two kernels do this, picked by 
 * ``_stack_depth_hits`` (deeper model-level stacks): each key is stored next to its expert in the stack
   (``stack_key``) and a position index finds ``x``. The walk branches only where the carry changes, which at
   model level is a few of the hundreds of positions walked, and beats the branch-free scan there (measured,
-  bench/RESULTS.md).
+  bench/RESULTS.md). A position changes only if its key is below the carry's, and the carry's key only
+  falls along the walk, so a block of ``2^LOG_SKIP_BLOCK`` positions whose keys' lower bound is not below it
+  is passed over in one comparison: the cost grows with the blocks that hold a change, not with the depth.
 
 Pair keys ``(a, τ)`` pack into one int64 as ``a·2^32 + τ``, which is exact while a sequence holds fewer than
 2^31 slots.
@@ -46,6 +48,8 @@ _ABOVE_EVERY_KEY = np.int64(2**63 - 1)
 # up to this many slots the branch-free scan wins; deeper model-level stacks change few positions per
 # push-down, where the walk that branches only on a change is faster (bench/RESULTS.md)
 SCAN_MAX_SLOTS = 256
+# the deep walk passes over blocks of 2^LOG_SKIP_BLOCK positions where no key is below the carry
+LOG_SKIP_BLOCK = 4
 
 
 @numba.njit(inline="always")
@@ -125,10 +129,15 @@ def _lru_depth_hits(topk, lengths, hits, num_experts, free_slot_hits, sequential
 
 
 @numba.njit(cache=True, nogil=True)
-def _stack_depth_hits(topk, lengths, hits, num_experts, policy, seg_len, free_slot_hits, sequential):
+def _stack_depth_hits(topk, lengths, hits, num_experts, policy, seg_len, free_slot_hits, sequential, log_block):
     num_sequences, _, num_slots = topk.shape
     stack = np.zeros(num_experts, np.int64)
     stack_key = np.zeros(num_experts, np.int64)
+    # a lower bound of the keys in each block of 2^log_block positions (block 0 is always walked): keys
+    # only fall where a push-down sets position 0 or its last position, and those lower the bound
+    block = 1 << log_block
+    block_mask = block - 1
+    block_low = np.empty((num_experts >> log_block) + 1, np.int64)
     pos = np.empty(num_experts, np.int64)
     # f (LFU: references so far) or F (SCH: references still ahead inside the look-ahead window)
     count = np.empty(num_experts, np.int64)
@@ -142,6 +151,7 @@ def _stack_depth_hits(topk, lengths, hits, num_experts, policy, seg_len, free_sl
         pos[:] = -1
         count[:] = 0
         at_depth[:] = 0
+        block_low[:] = _ABOVE_EVERY_KEY
         depth_of_new = 0  # |P|
         if policy == _BELADY:
             _next_uses(topk, s, num_tokens, num_experts, next_use, upcoming)
@@ -181,20 +191,36 @@ def _stack_depth_hits(topk, lengths, hits, num_experts, policy, seg_len, free_sl
                     else:
                         at_depth[row_depth[j]] += 1
                 if depth > 0:
+                    # A position changes only where its key is below the carry's, which only falls along
+                    # the walk: a whole block whose lower bound is not below it is passed over.
                     carry = stack[0]
                     carry_key = stack_key[0]
-                    for q in range(1, depth):
-                        key = stack_key[q]
-                        if key < carry_key:
-                            lower = stack[q]
-                            stack[q] = carry
-                            stack_key[q] = carry_key
-                            pos[carry] = q
-                            carry = lower
-                            carry_key = key
+                    start = 1
+                    while start < depth:
+                        stop = min((start | block_mask) + 1, depth)
+                        full = stop - start == block
+                        if full and block_low[start >> log_block] >= carry_key:
+                            start = stop
+                            continue
+                        new_low = _ABOVE_EVERY_KEY
+                        for q in range(start, stop):
+                            key = stack_key[q]
+                            if key < carry_key:
+                                lower = stack[q]
+                                stack[q] = carry
+                                stack_key[q] = carry_key
+                                pos[carry] = q
+                                carry = lower
+                                carry_key = key
+                            new_low = min(new_low, stack_key[q])
+                        if full:
+                            block_low[start >> log_block] = new_low
+                        start = stop
                     stack[depth] = carry
                     stack_key[depth] = carry_key
                     pos[carry] = depth
+                    last_block = depth >> log_block
+                    block_low[last_block] = min(block_low[last_block], carry_key)
                 stack[0] = x
                 pos[x] = 0
                 if policy == _LFU:
@@ -354,8 +380,10 @@ def cache_hits(topk, lengths, num_experts, policy, seg_len, free_slot_hits, look
     else:
         # the look-ahead never reaches past T, so clipping L keeps i + L from overflowing int64
         look_ahead = min(seg_len, num_tokens + 1) if policy == "sch" else 0
-        kernel = _scan_depth_hits if num_experts <= SCAN_MAX_SLOTS else _stack_depth_hits
-        run_sliced(kernel, (topk, lengths, hits),
-                   (num_experts, _STACK_POLICY_CODES[policy], look_ahead, bool(free_slot_hits),
-                    lookup == "sequential"), work)
+        options = (num_experts, _STACK_POLICY_CODES[policy], look_ahead, bool(free_slot_hits),
+                   lookup == "sequential")
+        if num_experts <= SCAN_MAX_SLOTS:
+            run_sliced(_scan_depth_hits, (topk, lengths, hits), options, work)
+        else:
+            run_sliced(_stack_depth_hits, (topk, lengths, hits), (*options, LOG_SKIP_BLOCK), work)
     return torch.from_numpy(hits)

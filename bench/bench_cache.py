@@ -24,8 +24,9 @@ scheduler gives to them, so the ratios move less with the load (the GPU path use
 (>= 200x at layer level, >= 100x at model level, api against the plain-Python one-pass loop) are checked at
 the end of each level.
 
-Trace: sticky-Markov router, fixed seed. Per sequence (and per layer), the E router logits follow an AR(1)
-process ``x_t = rho*x_{t-1} + sqrt(1-rho^2)*N(0, 1)`` (rho = 0.9) and token t picks the top-k of ``x_t``.
+Trace: ``--trace`` (bench/_common.py), fixed seed; by default the sticky-Markov router: per sequence (and per
+layer), the E router logits follow an AR(1) process ``x_t = rho*x_{t-1} + sqrt(1-rho^2)*N(0, 1)`` (rho = 0.9)
+and token t picks the top-k of ``x_t``.
 Model level joins ``--layers`` such layers with ``concat_layers`` (n·E cache slots, n·k references per
 token, SPEC section 6).
 
@@ -36,7 +37,6 @@ Example:
 
 import argparse
 import importlib
-import math
 import os
 import platform
 import sys
@@ -49,21 +49,10 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import lrc_kernels  # noqa: E402
+from _common import TRACE_KINDS, Table, best_of, make_trace  # noqa: E402
 
 POLICY_CONFIGS = [("lru", None), ("lfu", None), ("belady", None), ("sch", 4), ("sch", 16), ("sch", 64), ("sch", 256)]
 SPEED_GOALS = {"layer level": 200, "model level": 100}  # api over python 1-pass, per sequence
-
-
-def sticky_trace(num_sequences, num_tokens, num_experts, top_k, rho, seed):
-    """int32 ``[S, T, k]`` top-k ids of AR(1) router logits (see module docstring)."""
-    generator = torch.Generator().manual_seed(seed)
-    logits = torch.randn(num_sequences, num_experts, generator=generator)
-    topk = torch.empty(num_sequences, num_tokens, top_k, dtype=torch.int32)
-    innovation_scale = math.sqrt(1.0 - rho * rho)
-    for t in range(num_tokens):
-        logits = rho * logits + innovation_scale * torch.randn(num_sequences, num_experts, generator=generator)
-        topk[:, t] = logits.topk(top_k, dim=-1).indices.to(torch.int32)
-    return topk
 
 
 def _future_schedule(rows, num_experts):
@@ -182,28 +171,15 @@ def sequence_rows(topk, s):
     return [[x for x in row if x >= 0] for row in topk[s].tolist()]
 
 
-def best_time(run, repeats, device, clock):
-    """``(result, seconds)``: the last result and the fastest of ``repeats`` calls of ``run()``."""
-    best = math.inf
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = clock()
-        result = run()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, clock() - start)
-    return result.cpu(), best
-
-
 def bench_level(name, topk, num_experts, python_sequences, args, device):
     num_sequences, num_tokens, num_slots = topk.shape
     clock = time.perf_counter if device.type == "cuda" else time.process_time
     python_sequences = min(python_sequences, num_sequences)
     print(f"\n{name}: S = {num_sequences}, T = {num_tokens}, {num_slots} references per token, "
           f"{num_experts} cache slots; per-sequence times, ratios = baseline / api")
-    print(f"{'policy':<9} {'api':>9} {'kernel':>9} {'python 1-pass':>14} {'ratio':>7} {'per-size sim':>13} "
-          f"{'ratio':>8}   api - kernel per call")
+    table = Table(("policy", 9), ("api", 9), ("kernel", 9), ("python 1-pass", 14), ("ratio", 7),
+                  ("per-size sim", 13), ("ratio", 8))
+    print(table.format_row(table.titles) + "   api - kernel per call")
     topk_device = topk.to(device)
     lengths_device = torch.full((num_sequences,), num_tokens, dtype=torch.int64, device=device)
     backend = importlib.import_module(f"lrc_kernels.{args.backend}.cache")
@@ -211,12 +187,14 @@ def bench_level(name, topk, num_experts, python_sequences, args, device):
     sampled_sizes = sorted({max(1, min(num_experts, int((j + 0.5) * block))) for j in range(args.per_size_samples)})
     ratios = []
     for policy, seg_len in POLICY_CONFIGS:
-        hits, api_seconds = best_time(
+        on_gpu = device.type == "cuda"
+        hits, api_seconds = best_of(
             lambda: lrc_kernels.cache_hits(topk_device, num_experts, policy, seg_len=seg_len, backend=args.backend),
-            args.repeats, device, clock)
-        kernel_hits, kernel_seconds = best_time(
+            args.repeats, clock=clock, cuda=on_gpu)
+        kernel_hits, kernel_seconds = best_of(
             lambda: backend.cache_hits(topk_device, lengths_device, num_experts, policy, seg_len, True, "token"),
-            args.repeats, device, clock)
+            args.repeats, clock=clock, cuda=on_gpu)
+        hits, kernel_hits = hits.cpu(), kernel_hits.cpu()
         assert torch.equal(kernel_hits, hits), (name, policy, seg_len)
         api_per_sequence = api_seconds / num_sequences
 
@@ -235,10 +213,10 @@ def bench_level(name, topk, num_experts, python_sequences, args, device):
         label = policy if seg_len is None else f"sch({seg_len})"
         ratio = single_pass_per_sequence / api_per_sequence
         ratios.append((ratio, label))
-        print(f"{label:<9} {api_per_sequence * 1e3:>7.3f}ms {kernel_seconds / num_sequences * 1e3:>7.3f}ms "
-              f"{single_pass_per_sequence * 1e3:>12.1f}ms {ratio:>6.0f}x {per_size_per_sequence:>12.2f}s "
-              f"{per_size_per_sequence / api_per_sequence:>7.0f}x   {(api_seconds - kernel_seconds) * 1e3:.2f}ms",
-              flush=True)
+        table.print_row(label, f"{api_per_sequence * 1e3:.3f}ms", f"{kernel_seconds / num_sequences * 1e3:.3f}ms",
+                        f"{single_pass_per_sequence * 1e3:.1f}ms", f"{ratio:.0f}x", f"{per_size_per_sequence:.2f}s",
+                        f"{per_size_per_sequence / api_per_sequence:.0f}x",
+                        suffix=f"   {(api_seconds - kernel_seconds) * 1e3:.2f}ms")
     print(f"python 1-pass timed on {python_sequences} sequence(s); per-size sim on sequence 0 at "
           f"m in {sampled_sizes}, scaled to all {num_experts} sizes")
     goal = SPEED_GOALS[name]
@@ -256,7 +234,8 @@ def main():
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--layers", type=int, default=16, help="layers of the model-level stream (0 = skip)")
-    parser.add_argument("--rho", type=float, default=0.9)
+    parser.add_argument("--trace", choices=TRACE_KINDS, default="sticky")
+    parser.add_argument("--rho", type=float, default=0.9, help="stickiness of --trace sticky")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--python-sequences", type=int, default=8)
@@ -278,11 +257,12 @@ def main():
     print(f"backend {args.backend}: first calls (numba cache load or compile) {time.perf_counter() - start:.2f}s")
     run_start = time.perf_counter()
 
-    layer = sticky_trace(args.sequences, args.tokens, args.experts, args.top_k, args.rho, args.seed)
+    layer = make_trace(args.trace, args.sequences, args.tokens, args.experts, args.top_k, rho=args.rho, seed=args.seed)
     bench_level("layer level", layer, args.experts, args.python_sequences, args, device)
     if args.layers > 0:
-        layers = sticky_trace(args.layers * args.sequences, args.tokens, args.experts, args.top_k, args.rho,
-                              args.seed + 1).reshape(args.layers, args.sequences, args.tokens, args.top_k)
+        layers = make_trace(args.trace, args.layers * args.sequences, args.tokens, args.experts, args.top_k,
+                            rho=args.rho, seed=args.seed + 1).reshape(args.layers, args.sequences, args.tokens,
+                                                                      args.top_k)
         model = lrc_kernels.concat_layers(layers, args.experts).to(torch.int32).contiguous()
         bench_level("model level", model, args.layers * args.experts, args.model_python_sequences, args, device)
     print(f"\nload average {os.getloadavg()}; total {time.perf_counter() - run_start:.0f}s wall")

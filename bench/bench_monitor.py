@@ -40,11 +40,12 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lrc_kernels._checks import check_topk, run_backend
-from lrc_kernels.hf import RoutingMonitor, RoutingRecorder
-
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "examples"))
+sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "examples")]  # the checkout's lrc_kernels, the example's batches
+from lrc_kernels import dispatch  # noqa: E402
+from lrc_kernels._checks import check_topk  # noqa: E402
+from lrc_kernels.hf import RoutingMonitor, RoutingRecorder  # noqa: E402
+from lrc_kernels.routing import join_layers  # noqa: E402
 from train_loop_monitor import DATA_DIR, token_batches  # noqa: E402  (the example's batches of sample.txt)
 
 
@@ -117,20 +118,17 @@ def print_breakdown(bench: Bench) -> None:
     num_layers, num_experts = len(layers), monitor.num_experts[0]
     stacked = torch.cat(layers)
     ids, stacked_lengths, _ = check_topk(stacked, num_experts, lengths=lengths.repeat(num_layers))
-    offsets = torch.arange(num_layers, dtype=ids.dtype).view(-1, 1, 1, 1) * num_experts
-    layer_ids = ids.view(num_layers, *layers[0].shape)
-    stream = torch.where(layer_ids >= 0, layer_ids + offsets, layer_ids).permute(1, 2, 0, 3)
-    stream = stream.reshape(*layers[0].shape[:2], -1).contiguous()
+    stream = join_layers(ids.view(num_layers, *layers[0].shape), num_experts)
 
     def cache_ms(topk, topk_lengths, slots, policy, seg_len):
-        return median_ms(lambda: run_backend("cache", "cache_hits", monitor.backend, topk, topk_lengths, slots,
-                                             policy, seg_len, monitor.free_slot_hits, monitor.lookup))
+        return median_ms(lambda: dispatch.run("cache_hits", monitor.backend, topk, topk_lengths, slots,
+                                              policy, seg_len, monitor.free_slot_hits, monitor.lookup))
 
     print(f"breakdown on one batch, outside training (median of 30 calls, ms): update "
           f"{median_ms(lambda: monitor.update(routing, lengths)):.2f}; validation of the {num_layers} stacked "
           f"layers {median_ms(lambda: check_topk(stacked, num_experts, lengths=lengths.repeat(num_layers))):.2f}")
     print("  SRP histograms: " + ", ".join(
-        f"L={L} {median_ms(lambda: run_backend('srp', 'srp_counts', monitor.backend, ids, stacked_lengths, num_experts, L)):.2f}"
+        f"L={L} {median_ms(lambda: dispatch.run('srp_counts', monitor.backend, ids, stacked_lengths, num_experts, L)):.2f}"
         for L in monitor.seg_lens))
     for name, policy, seg_len in monitor._cache_specs:
         layer_ms = cache_ms(ids, stacked_lengths, num_experts, policy, seg_len)

@@ -11,11 +11,10 @@ call it reads the peak (``VmHWM``). "Extra" memory is peak - baseline - size of 
 everything the method needed beyond its output. With ``--backend triton`` the inputs live on the GPU and
 memory is ``torch.cuda.max_memory_allocated`` relative to the allocation after warm-up.
 
-Trace: sticky-Markov router with a fixed seed, generated once per S by the parent and loaded by every worker.
-Per sequence, the E router logits follow an AR(1) process ``x_t = rho*x_{t-1} + sqrt(1-rho^2)*N(0, 1)``
-(rho = 0.9 by default) and token t picks the top-k of ``x_t``, so consecutive tokens share most experts, as
-real routers do. All sequences have full length and there are no -1 slots. Before timing, the dense baseline
-is checked against the CPU kernel on a small trace with -1 slots and random lengths.
+Trace: ``--trace`` (bench/_common.py; default the sticky-Markov router, rho = 0.9) with a fixed seed, generated
+once per S by the parent and loaded by every worker. All sequences have full length and there are no -1 slots.
+Before timing, the dense baseline is checked against the CPU kernel on a small trace with -1 slots and random
+lengths.
 
 Dense baseline (vectorised torch, no Python loop over sequences or tokens): one-hot int16 ``[T, S, E]``;
 window sums of length 1, 2, 4, ... by doubling, combined along the binary digits of L into ``C [W, S, E]``;
@@ -43,18 +42,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-
-def sticky_trace(num_sequences, num_tokens, num_experts, top_k, rho, seed):
-    """CPU int32 ``[S, T, k]`` top-k ids of AR(1) router logits (see module docstring), int64 ``[S]`` lengths."""
-    generator = torch.Generator().manual_seed(seed)
-    logits = torch.empty(num_sequences, num_tokens, num_experts)
-    state = torch.randn(num_sequences, num_experts, generator=generator)
-    innovation_scale = math.sqrt(1.0 - rho * rho)
-    for t in range(num_tokens):
-        state = rho * state + innovation_scale * torch.randn(num_sequences, num_experts, generator=generator)
-        logits[:, t] = state
-    topk = logits.topk(top_k, dim=-1).indices.to(torch.int32).contiguous()
-    return topk, torch.full((num_sequences,), num_tokens, dtype=torch.int64)
+from _common import TRACE_KINDS, Table, full_lengths, make_trace, sticky_trace  # noqa: E402
 
 
 def dense_window_counts(topk, lengths, num_experts, seg_len):
@@ -143,8 +131,8 @@ def worker(cell):
     else:
         method = library_method(cell["metric"], cell["method"], cell["backend"])
     topk, lengths = (tensor.to(device) for tensor in torch.load(cell["trace_path"]))
-    warmup_topk, warmup_lengths = (tensor.to(device) for tensor in
-                                   sticky_trace(2, cell["seg_len"] + 3, cell["E"], cell["k"], cell["rho"], 1))
+    warmup_topk = sticky_trace(2, cell["seg_len"] + 3, cell["E"], cell["k"], rho=cell["rho"], seed=1).to(device)
+    warmup_lengths = full_lengths(warmup_topk)
     start = time.perf_counter()
     method(warmup_topk, warmup_lengths, cell["E"], cell["seg_len"])
     first_call_s = time.perf_counter() - start
@@ -213,7 +201,7 @@ def check_dense_baseline(args):
     from lrc_kernels.cpu import srp as cpu_srp
 
     generator = torch.Generator().manual_seed(args.seed)
-    topk, _ = sticky_trace(16, 40, args.experts, args.top_k, args.rho, args.seed)
+    topk = sticky_trace(16, 40, args.experts, args.top_k, rho=args.rho, seed=args.seed)
     topk[torch.rand(topk.shape, generator=generator) < 0.2] = -1
     lengths = torch.randint(0, 41, (16,), generator=generator)
     for seg_len in (1, 3, 16, 40, 41):
@@ -234,7 +222,8 @@ def main():
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=8)
-    parser.add_argument("--rho", type=float, default=0.9)
+    parser.add_argument("--trace", choices=TRACE_KINDS, default="sticky")
+    parser.add_argument("--rho", type=float, default=0.9, help="stickiness of --trace sticky")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per cell; the minimum is reported")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -245,7 +234,8 @@ def main():
 
     check_dense_baseline(args)
     entries = (["api"] if public_api_available(args.metrics[0]) else []) + ["kernel"]
-    print(f"trace: sticky-Markov AR(1) logits rho={args.rho}, seed={args.seed}, T={args.tokens}, "
+    trace = f"sticky-Markov AR(1) logits rho={args.rho}" if args.trace == "sticky" else args.trace
+    print(f"trace: {trace}, seed={args.seed}, T={args.tokens}, "
           f"E={args.experts}, k={args.top_k}, full lengths, no -1; backend={args.backend}; "
           f"torch threads={torch.get_num_threads()}, cpus={os.cpu_count()}, repeats={args.repeats} (min)")
     print("api = public lrc_kernels entry point (validation included); kernel = backend module called directly; "
@@ -261,16 +251,16 @@ def main():
     trace_paths = {}
     for num_sequences in args.sizes:
         trace_paths[num_sequences] = os.path.join(trace_dir.name, f"trace_S{num_sequences}.pt")
-        torch.save(sticky_trace(num_sequences, args.tokens, args.experts, args.top_k, args.rho, args.seed),
-                   trace_paths[num_sequences])
+        topk = make_trace(args.trace, num_sequences, args.tokens, args.experts, args.top_k, rho=args.rho,
+                          seed=args.seed)
+        torch.save((topk, full_lengths(topk)), trace_paths[num_sequences])
     for metric in args.metrics:
         for num_sequences in args.sizes:
             print(f"\n{metric}, S={num_sequences}")
-            header = f"{'L':>5} " + " ".join(f"{name + ' s':>9}" for name in columns)
-            header += " " + " ".join(f"{'x ' + name:>9}" for name in entries)
-            header += " " + " ".join(f"{name + ' MiB':>11}" for name in columns)
-            header += " " + " ".join(f"{'mem ' + name:>11}" for name in entries) + f" {'out MiB':>8}"
-            print(header)
+            table = Table(("L", 5), *((f"{name} s", 9) for name in columns), *((f"x {name}", 9) for name in entries),
+                          *((f"{name} MiB", 11) for name in columns), *((f"mem {name}", 11) for name in entries),
+                          ("out MiB", 8), first=">")
+            table.print_header()
             total_time = dict.fromkeys(columns, 0.0)
             max_extra = dict.fromkeys(columns, -math.inf)
             for seg_len in args.seg_lens:
@@ -284,19 +274,19 @@ def main():
                 for name, result in results.items():
                     total_time[name] += result["time_s"]
                     max_extra[name] = max(max_extra[name], result["extra_bytes"])
-                print(_row(str(seg_len), {n: r["time_s"] for n, r in results.items()},
-                           {n: r["extra_bytes"] for n, r in results.items()}, entries, mib)
-                      + f" {results['kernel']['output_bytes'] / mib:>8.1f}")
-            print(_row("all", total_time, max_extra, entries, mib) + "   (times summed; memory: max over L)")
+                table.print_row(*_cells(seg_len, {n: r["time_s"] for n, r in results.items()},
+                                        {n: r["extra_bytes"] for n, r in results.items()}, entries, mib),
+                                f"{results['kernel']['output_bytes'] / mib:.1f}")
+            table.print_row(*_cells("all", total_time, max_extra, entries, mib),
+                            suffix="   (times summed; memory: max over L)")
     trace_dir.cleanup()
 
 
-def _row(label, times, extra, entries, mib):
-    row = f"{label:>5} " + " ".join(f"{times[name]:>9.4f}" for name in times)
-    row += " " + " ".join(f"{times['dense'] / times[name]:>8.1f}x" for name in entries)
-    row += " " + " ".join(f"{extra[name] / mib:>11.1f}" for name in extra)
-    row += " " + " ".join(f"{_ratio(extra[name], extra['dense']):>11}" for name in entries)
-    return row
+def _cells(label, times, extra, entries, mib):
+    return [label, *(f"{times[name]:.4f}" for name in times),
+            *(f"{times['dense'] / times[name]:.1f}x" for name in entries),
+            *(f"{extra[name] / mib:.1f}" for name in extra),
+            *(_ratio(extra[name], extra["dense"]) for name in entries)]
 
 
 def _ratio(ours, dense):

@@ -4,7 +4,7 @@
 a popcount per row for E <= 128, a per-expert stamp array above. The same ids (all below 128) are validated
 as E = 128 and as E = 129, so both checks read identical input in one run and the ratio compares them alone.
 
-Inputs: the sticky-Markov trace of bench_srp.py (S x T x k, ids of 128 experts), as int32 contiguous full length
+Inputs: the sticky-Markov trace of bench/_common.py (S x T x k, ids of 128 experts), as int32 contiguous full length
 (checked without a copy) and as int64 (checked while written to an int32 copy). Times are the minimum of
 ``--repeats`` calls, after a warm-up call.
 
@@ -14,26 +14,15 @@ Inputs: the sticky-Markov trace of bench_srp.py (S x T x k, ids of 128 experts),
 import argparse
 import os
 import sys
-import time
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
 
-from bench_srp import sticky_trace  # noqa: E402
+from _common import Table, best_of, sticky_trace  # noqa: E402
 from lrc_kernels._checks import check_topk  # noqa: E402
 from lrc_kernels.cpu.validate import _REGISTER_CHECK_MAX_EXPERTS  # noqa: E402
-
-
-def best_seconds(run, repeats):
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main(argv=None):
@@ -45,14 +34,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     experts = _REGISTER_CHECK_MAX_EXPERTS
-    topk, _ = sticky_trace(args.sequences, args.tokens, experts, args.top_k, 0.9, 0)
+    topk = sticky_trace(args.sequences, args.tokens, experts, args.top_k)
     print(f"trace: sticky-Markov, S={args.sequences}, T={args.tokens}, k={args.top_k}, ids of {experts} experts; "
           f"minimum of {args.repeats} calls; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"{'input':28s} {'registers (E=128)':>18s} {'stamp (E=129)':>14s} {'stamp/registers':>16s}")
+    table = Table(("input", 28), ("registers (E=128)", 18), ("stamp (E=129)", 14), ("stamp/registers", 16))
+    table.print_header()
     for label, ids in (("int32, contiguous (no copy)", topk), ("int64 (int32 copy written)", topk.long())):
-        registers = best_seconds(lambda: check_topk(ids, experts), args.repeats)
-        stamp = best_seconds(lambda: check_topk(ids, experts + 1), args.repeats)
-        print(f"{label:28s} {1e3 * registers:15.1f} ms {1e3 * stamp:11.1f} ms {stamp / registers:15.2f}x")
+        _, registers = best_of(lambda: check_topk(ids, experts), args.repeats, warmup=1)
+        _, stamp = best_of(lambda: check_topk(ids, experts + 1), args.repeats, warmup=1)
+        table.print_row(label, f"{1e3 * registers:.1f} ms", f"{1e3 * stamp:.1f} ms", f"{stamp / registers:.2f}x")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ Example:
 """
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -36,6 +35,9 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
+
+from _common import best_of, sticky_trace  # noqa: E402
+from lrc_kernels.routing import join_layers  # noqa: E402
 
 POLICY_CONFIGS = [("lru", None), ("lfu", None), ("belady", None), ("sch", 4), ("sch", 16), ("sch", 64),
                   ("sch", 256)]
@@ -53,28 +55,6 @@ def parse_args():
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--skip-model-level", action="store_true", help="time layer level only")
     return parser.parse_args()
-
-
-def sticky_trace(generator, num_sequences, num_tokens, num_experts, top_k, rho=0.9, drop=0.0, device="cpu"):
-    """int32 ``[S, T, k]`` top-k of AR(1) router logits; each slot becomes -1 with probability ``drop``."""
-    logits = torch.randn(num_sequences, num_experts, generator=generator, device=device)
-    topk = torch.empty(num_sequences, num_tokens, top_k, dtype=torch.int32, device=device)
-    scale = math.sqrt(1.0 - rho * rho)
-    for t in range(num_tokens):
-        logits = rho * logits + scale * torch.randn(num_sequences, num_experts, generator=generator, device=device)
-        topk[:, t] = logits.topk(top_k, dim=-1).indices.to(torch.int32)
-    if drop > 0:
-        dropped = torch.rand(topk.shape, generator=generator, device=device) < drop
-        topk = torch.where(dropped, torch.full_like(topk, -1), topk)
-    return topk.contiguous()
-
-
-def model_stream(topk_layers, num_experts):
-    """``[n, S, T, k]`` layers -> int32 ``[S, T, n*k]`` stream, layer q's id e -> q*E + e (SPEC section 6)."""
-    num_layers = topk_layers.shape[0]
-    offsets = (torch.arange(num_layers, device=topk_layers.device, dtype=torch.int32) * num_experts)
-    shifted = torch.where(topk_layers >= 0, topk_layers + offsets[:, None, None, None], topk_layers)
-    return shifted.permute(1, 2, 0, 3).reshape(topk_layers.shape[1], topk_layers.shape[2], -1).contiguous()
 
 
 def random_lengths(generator, num_sequences, num_tokens, device):
@@ -99,6 +79,7 @@ def check_correctness(args, device, small):
     """Part 1. Returns the number of failed comparisons."""
     from lrc_kernels.cpu import cache as cpu_cache
     from lrc_kernels.cpu import srp as cpu_srp
+    from lrc_kernels.triton import MAX_COVERAGE_EXPERTS
     from lrc_kernels.triton import cache as triton_cache
     from lrc_kernels.triton import srp as triton_srp
 
@@ -128,9 +109,9 @@ def check_correctness(args, device, small):
         chunk = None
 
     for label, num_sequences, num_tokens, num_experts, top_k, num_layers, stacks in layer_cases:
-        layers = torch.stack([sticky_trace(generator, num_sequences, num_tokens, num_experts, top_k, drop=0.1,
-                                           device=device) for _ in range(num_layers)])
-        topk = layers[0] if num_layers == 1 else model_stream(layers, num_experts)
+        layers = torch.stack([sticky_trace(num_sequences, num_tokens, num_experts, top_k, generator=generator,
+                                           drop=0.1, device=device) for _ in range(num_layers)])
+        topk = layers[0] if num_layers == 1 else join_layers(layers, num_experts)
         slots = num_layers * num_experts
         lengths = random_lengths(generator, num_sequences, num_tokens, device)
         cpu_topk, cpu_lengths = topk.cpu(), lengths.cpu()
@@ -141,7 +122,7 @@ def check_correctness(args, device, small):
                 checker.equal(f"{label} srp_counts L={seg_len}",
                               triton_srp.srp_counts(topk, lengths, slots, seg_len),
                               cpu_srp.srp_counts(cpu_topk, cpu_lengths, slots, seg_len))
-                if slots <= triton_srp.MAX_COVERAGE_EXPERTS:
+                if slots <= MAX_COVERAGE_EXPERTS:
                     checker.equal(f"{label} segment_coverage L={seg_len}",
                                   triton_srp.segment_coverage(topk, lengths, slots, seg_len),
                                   cpu_srp.segment_coverage(cpu_topk, cpu_lengths, slots, seg_len))
@@ -162,14 +143,6 @@ def check_correctness(args, device, small):
     return len(checker.failures)
 
 
-def _timed(fn):
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start, result
-
-
 def time_paper_scale(args, device):
     """Part 2: prints one row per (metric, level, configuration) and the total."""
     from lrc_kernels.triton import cache as triton_cache
@@ -180,12 +153,12 @@ def time_paper_scale(args, device):
     print(f"\npart 2: timing, {n} layers x {num_experts} experts, top-{top_k}, {num_sequences} sequences x "
           f"{num_tokens} tokens on {torch.cuda.get_device_name()}", flush=True)
     generator = torch.Generator(device=device).manual_seed(0)
-    layers = torch.stack([sticky_trace(generator, num_sequences, num_tokens, num_experts, top_k, device=device)
-                          for _ in range(n)])
+    layers = torch.stack([sticky_trace(num_sequences, num_tokens, num_experts, top_k, generator=generator,
+                                       device=device) for _ in range(n)])
     layer_level = layers.reshape(n * num_sequences, num_tokens, top_k).contiguous()
     streams = {"layer": (layer_level, num_experts)}
     if not args.skip_model_level:
-        streams["model"] = (model_stream(layers, num_experts), n * num_experts)
+        streams["model"] = (join_layers(layers, num_experts), n * num_experts)
     del layers
 
     rows = []
@@ -204,7 +177,7 @@ def time_paper_scale(args, device):
                 return triton_cache.cache_hits(topk[selection].contiguous(), lengths[selection], slots, policy,
                                                seg_len, True, "token")
             run(warm_slice)
-            seconds, hits = _timed(run)
+            hits, seconds = best_of(run, 1, cuda=True)
             assert hits.shape == (topk.shape[0], slots)
             report("cache_hits", level, f"{policy}{seg_len or ''}", seconds, references)
             del hits
@@ -219,7 +192,7 @@ def time_paper_scale(args, device):
             # pooled over sequences per layer: [n, E, L+1]; layer and model level pool these further
             return torch.stack([triton_srp.srp_counts(layer_topk[q], lengths, num_experts, seg_len).sum(0)
                                 for q in range(n)])
-        seconds, pooled = _timed(run)
+        pooled, seconds = best_of(run, 1, cuda=True)
         windows = n * num_sequences * max(num_tokens - seg_len + 1, 0)
         assert int(pooled.sum()) == windows * num_experts
         report("srp_counts", "layer", f"L={seg_len}", seconds, references)

@@ -6,14 +6,11 @@ option) with a message that names the argument, the expected value and the recei
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 from typing import Optional, Sequence, Tuple
 
 import torch
-
-BACKENDS = ("auto", "cpu", "triton")
 
 _SIGNED_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
 INT64_MAX = (1 << 63) - 1
@@ -230,17 +227,6 @@ def check_lengths(lengths, num_seqs: int, num_tokens: int, device, *, name: str 
     return lengths
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``"auto"`` to ``"triton"`` for CUDA tensors and ``"cpu"`` otherwise; check triton is usable."""
-    check_choice(backend, "backend", BACKENDS)
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "cpu"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("backend: 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
-                         f"imported to run the kernels on the CPU; received tensors on {device}")
-    return backend
-
-
 # Bootstrap weights meet float64 (matrix products, replicate totals), which is exact below 2^53; half of
 # that leaves room for the products with counts checked in srp.weighted_sum.
 MAX_WEIGHT_TOTAL = 1 << 52
@@ -270,17 +256,3 @@ def check_weights(weights, num_seqs: int, num_bootstrap: int) -> torch.Tensor:
             raise ValueError(f"weights: expected column totals below 2^52 (exact in float64), "
                              f"received a column total of {float(totals.max()):.4g}")
     return weights.to(torch.int64)
-
-
-def run_backend(family: str, function: str, backend: str, topk: torch.Tensor, lengths: torch.Tensor,
-                *args) -> torch.Tensor:
-    """Call ``lrc_kernels.<backend>.<family>.<function>(topk, lengths, *args)`` on validated inputs.
-
-    The backend module is imported on first use, so ``import lrc_kernels`` neither imports triton nor
-    compiles anything. The CPU path runs on host copies of CUDA tensors and returns to the input device.
-    """
-    backend = resolve_backend(backend, topk.device)
-    module = importlib.import_module(f"lrc_kernels.{backend}.{family}")
-    if backend == "cpu" and topk.device.type != "cpu":
-        return getattr(module, function)(topk.cpu(), lengths.cpu(), *args).to(topk.device)
-    return getattr(module, function)(topk, lengths, *args)

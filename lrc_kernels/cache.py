@@ -11,7 +11,8 @@ from typing import Optional
 
 import torch
 
-from ._checks import check_allocation, check_choice, check_int, check_topk, run_backend
+from . import dispatch
+from ._checks import check_allocation, check_choice, check_int, check_topk
 from .bootstrap import basic_interval, bootstrap_weights, check_bootstrap_options
 
 POLICIES = ("sch", "lru", "lfu", "belady")
@@ -38,7 +39,8 @@ class CacheCurve:
     ci_high: Optional[torch.Tensor] = None
 
 
-def _check_options(policy, seg_len, free_slot_hits, lookup) -> Optional[int]:
+def check_cache_options(policy, seg_len, free_slot_hits, lookup) -> Optional[int]:
+    """Validate the cache options of :func:`cache_hits`; -> the look-ahead (an int for ``"sch"``, else None)."""
     check_choice(policy, "policy", POLICIES)
     check_choice(lookup, "lookup", LOOKUPS)
     if not isinstance(free_slot_hits, bool):
@@ -54,11 +56,11 @@ def _check_options(policy, seg_len, free_slot_hits, lookup) -> Optional[int]:
 
 
 def _hits(topk, num_experts, policy, seg_len, lengths, free_slot_hits, lookup, backend):
-    seg_len = _check_options(policy, seg_len, free_slot_hits, lookup)
+    """``(ids, hits int64 [S, E], unbatched)`` of routing validated here, with options checked by the caller."""
+    dispatch.check_backend(backend)
     ids, lengths, unbatched = check_topk(topk, num_experts, lengths=lengths)
     check_allocation((ids.shape[0], num_experts), "num_experts", "hits [S, E]")
-    hits = run_backend("cache", "cache_hits", backend, ids, lengths, num_experts, policy, seg_len,
-                       free_slot_hits, lookup)
+    hits = dispatch.run("cache_hits", backend, ids, lengths, num_experts, policy, seg_len, free_slot_hits, lookup)
     return ids, hits, unbatched
 
 
@@ -86,6 +88,7 @@ def cache_hits(topk: torch.Tensor, num_experts: int, policy: str, *, seg_len: Op
         >>> cache_hits(torch.tensor([[0], [0], [1], [2], [0], [3], [2], [1]]), 4, "belady").tolist()
         [2, 5, 7, 8]
     """
+    seg_len = check_cache_options(policy, seg_len, free_slot_hits, lookup)
     _, hits, unbatched = _hits(topk, num_experts, policy, seg_len, lengths, free_slot_hits, lookup, backend)
     return hits[0] if unbatched else hits
 
@@ -113,6 +116,7 @@ def cache_curve(topk: torch.Tensor, num_experts: int, policy: str, *, seg_len: O
         >>> cache_curve(topk, 4, "lru", lengths=torch.tensor([4, 3])).hit_rate.tolist()
         [0.4, 0.8, 1.0, 1.0]
     """
+    seg_len = check_cache_options(policy, seg_len, free_slot_hits, lookup)
     num_bootstrap, confidence = check_bootstrap_options(num_bootstrap, confidence, weights)
     ids, hits, _ = _hits(topk, num_experts, policy, seg_len, lengths, free_slot_hits, lookup, backend)
     num_references = (ids >= 0).sum(dim=(1, 2)).to(torch.int64)

@@ -70,10 +70,17 @@ def concat_layers(topk_layers: Union[torch.Tensor, Sequence[torch.Tensor]], num_
     topk_layers = stack_layers(topk_layers, "topk_layers")
     stacked, _, unbatched = check_topk(topk_layers, num_experts, name="topk_layers", batched_rank=4,
                                        lengths=lengths)
-    num_layers = stacked.shape[0]
-    offsets = torch.arange(num_layers, device=stacked.device, dtype=torch.int64) * num_experts
-    ids = stacked.to(torch.int64)
-    stream = torch.where(ids >= 0, ids + offsets[:, None, None, None], ids)
-    # Explicit sizes: reshape cannot infer -1 for an empty trace (T = 0).
-    stream = stream.permute(1, 2, 0, 3).reshape(stream.shape[1], stream.shape[2], num_layers * stream.shape[3])
+    stream = join_layers(stacked.to(torch.int64), num_experts)
     return stream[0] if unbatched else stream
+
+
+def join_layers(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """:func:`concat_layers` of validated ids ``[n_layers, S, T, k]`` -> contiguous ``[S, T, n_layers * k]``.
+
+    Computes in the dtype of ``ids`` (int32 ids need ``n_layers * num_experts < 2^31``).
+    """
+    num_layers, num_seqs, num_tokens = ids.shape[:3]
+    offsets = torch.arange(num_layers, device=ids.device, dtype=ids.dtype).view(-1, 1, 1, 1) * num_experts
+    stream = torch.where(ids >= 0, ids + offsets, ids)
+    # Explicit sizes: reshape cannot infer -1 for an empty trace (T = 0).
+    return stream.permute(1, 2, 0, 3).reshape(num_seqs, num_tokens, num_layers * ids.shape[3]).contiguous()

@@ -14,8 +14,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ._checks import (check_allocation, check_choice, check_int, check_int_tensor, check_topk, run_backend,
-                      stack_layers)
+from . import dispatch
+from ._checks import check_allocation, check_choice, check_int, check_int_tensor, check_topk, stack_layers
 from .bootstrap import basic_interval, bootstrap_weights, check_bootstrap_options
 
 LEVELS = ("expert", "layer", "model")
@@ -76,12 +76,13 @@ def srp_counts(topk: torch.Tensor, num_experts: int, seg_len: int, *, lengths: O
         ([3, 3, 1], [15, 12, 1])
     """
     check_choice(pool, "pool", POOLS)
+    dispatch.check_backend(backend)
     ids, lengths, unbatched = check_topk(topk, num_experts, lengths=lengths)
     seg_len = check_int(seg_len, "seg_len", minimum=1)
     shape = (ids.shape[0], num_experts, seg_len + 1) if pool is None else (ids.shape[0], seg_len + 1)
     check_allocation(shape, "seg_len", "histograms [S, E, L+1]" if pool is None else "histograms [S, L+1]")
     kernel = "srp_counts" if pool is None else "srp_pooled_counts"
-    counts = run_backend("srp", kernel, backend, ids, lengths, num_experts, seg_len)
+    counts = dispatch.run(kernel, backend, ids, lengths, num_experts, seg_len)
     return counts[0] if unbatched else counts
 
 
@@ -93,7 +94,7 @@ def segment_coverage(topk: torch.Tensor, num_experts: int, seg_len: int, *,
         topk: int ``[S, T, k]`` (or ``[T, k]``), ``-1`` = no expert.
         num_experts, seg_len, lengths, backend: as in :func:`srp_counts`. The Triton kernel keeps a sorted
             count vector per sequence in registers, so it takes E <= 4096; above that ``"auto"`` runs the
-            CPU path on CUDA inputs (the result returns to the input's device).
+            CPU path on CUDA inputs (the result returns to the input's device) and ``"triton"`` raises.
 
     Returns:
         int64 ``[S, E]`` (``[E]`` for 2-D input); ``cov[s, E-1]`` = activations inside windows.
@@ -103,16 +104,13 @@ def segment_coverage(topk: torch.Tensor, num_experts: int, seg_len: int, *,
         >>> segment_coverage(torch.tensor([[0], [0], [1], [2], [0], [3], [2], [1]]), 4, 2).tolist()
         [8, 14, 14, 14]
     """
+    dispatch.check_backend(backend)
     ids, lengths, unbatched = check_topk(topk, num_experts, lengths=lengths)
     seg_len = check_int(seg_len, "seg_len", minimum=1)
     if seg_len > ids.shape[-2]:  # no sequence has a window; the kernels would size tables by L for nothing
         coverage = torch.zeros(ids.shape[0], num_experts, dtype=torch.int64, device=ids.device)
         return coverage[0] if unbatched else coverage
-    if backend == "auto" and ids.device.type == "cuda":
-        from .triton.srp import MAX_COVERAGE_EXPERTS
-
-        backend = "triton" if num_experts <= MAX_COVERAGE_EXPERTS else "cpu"
-    coverage = run_backend("srp", "segment_coverage", backend, ids, lengths, num_experts, seg_len)
+    coverage = dispatch.run("segment_coverage", backend, ids, lengths, num_experts, seg_len)
     return coverage[0] if unbatched else coverage
 
 
@@ -158,7 +156,15 @@ def srp_score(counts: torch.Tensor) -> SRPScore:
         raise ValueError(f"counts: expected shape [..., L+1] with L >= 1, received {tuple(counts.shape)}")
     if bool((counts < 0).any()):
         raise ValueError("counts: expected non-negative window counts, received a negative entry")
-    hist = counts.to(torch.int64)
+    return score_histograms(counts.to(torch.int64))
+
+
+def score_histograms(hist: torch.Tensor) -> SRPScore:
+    """:func:`srp_score` of trusted histograms: int64 ``[..., L+1]``, ``L >= 1``, no negative entry.
+
+    Raises:
+        ValueError: sums that would overflow int64 (the one check that depends on the values' size).
+    """
     seg_len = hist.shape[-1] - 1
     _check_products_fit(hist, seg_len)
     count_values = torch.arange(seg_len + 1, device=hist.device, dtype=torch.int64)
@@ -190,12 +196,27 @@ def _check_products_fit(hist: torch.Tensor, seg_len: int) -> None:
                          f"overflow, received a cell with {largest_total:.4g} windows at L = {seg_len}")
 
 
-def _per_sequence_histograms(topk, num_experts: int, seg_len: int, level: str, lengths, backend: str):
-    """Histograms ``[S, E, L+1]`` (expert level) or ``[S, L+1]`` (layer, model), one row per sequence."""
+def _check_routing(topk, num_experts: int, level: str, lengths):
+    """Validate ``topk`` for ``level``: -> int32 ``[S, T, k]`` (``[n_layers, S, T, k]`` at model level), lengths."""
     if level == "model":
-        topk = stack_layers(topk, "topk")
-        ids, lengths, _ = check_topk(topk, num_experts, batched_rank=4, lengths=lengths)
-        check_allocation((ids.shape[1], seg_len + 1), "seg_len", "per-sequence histograms [S, L+1]")
+        ids, lengths, _ = check_topk(stack_layers(topk, "topk"), num_experts, batched_rank=4, lengths=lengths)
+    else:
+        ids, lengths, _ = check_topk(topk, num_experts, lengths=lengths)
+    return ids, lengths
+
+
+def _check_histogram_memory(ids: torch.Tensor, num_experts: int, seg_len: int, level: str) -> None:
+    """Refuse per-sequence histograms beyond this machine's memory (``check_allocation``)."""
+    if level == "expert":
+        check_allocation((ids.shape[0], num_experts, seg_len + 1), "seg_len", "per-sequence histograms [S, E, L+1]")
+    else:
+        check_allocation((ids.shape[-3], seg_len + 1), "seg_len", "per-sequence histograms [S, L+1]")
+
+
+def _per_sequence_histograms(ids: torch.Tensor, lengths: torch.Tensor, num_experts: int, seg_len: int,
+                             level: str, backend: str) -> torch.Tensor:
+    """Histograms ``[S, E, L+1]`` (expert level) or ``[S, L+1]`` (layer, model) of validated routing."""
+    if level == "model":
         num_layers, num_seqs = ids.shape[0], ids.shape[1]
         # layers x sequences are independent rows for the kernel; groups of layers bound the [rows, L+1] output
         group = max(1, min(num_layers, _MODEL_GROUP_BYTES // max(1, num_seqs * (seg_len + 1) * 8)))
@@ -203,16 +224,12 @@ def _per_sequence_histograms(topk, num_experts: int, seg_len: int, level: str, l
         for first in range(0, num_layers, group):
             layers = ids[first:first + group]
             rows = layers.reshape(layers.shape[0] * num_seqs, ids.shape[2], ids.shape[3])
-            counts = run_backend("srp", "srp_pooled_counts", backend, rows, lengths.repeat(layers.shape[0]),
-                                 num_experts, seg_len)
+            counts = dispatch.run("srp_pooled_counts", backend, rows, lengths.repeat(layers.shape[0]), num_experts,
+                                  seg_len)
             pooled += counts.view(layers.shape[0], num_seqs, seg_len + 1).sum(dim=0)
         return pooled
-    ids, lengths, _ = check_topk(topk, num_experts, lengths=lengths)
-    expert_level = level == "expert"
-    shape = (ids.shape[0], num_experts, seg_len + 1) if expert_level else (ids.shape[0], seg_len + 1)
-    check_allocation(shape, "seg_len", "per-sequence histograms " + ("[S, E, L+1]" if expert_level else "[S, L+1]"))
-    kernel = "srp_counts" if expert_level else "srp_pooled_counts"
-    return run_backend("srp", kernel, backend, ids, lengths, num_experts, seg_len)
+    kernel = "srp_counts" if level == "expert" else "srp_pooled_counts"
+    return dispatch.run(kernel, backend, ids, lengths, num_experts, seg_len)
 
 
 def weighted_sum(weights: torch.Tensor, per_sequence: torch.Tensor) -> torch.Tensor:
@@ -262,9 +279,12 @@ def srp(topk: Union[torch.Tensor, Sequence[torch.Tensor]], num_experts: int, seg
         True
     """
     check_choice(level, "level", LEVELS)
+    dispatch.check_backend(backend)
     seg_len = check_int(seg_len, "seg_len", minimum=1)
     num_bootstrap, confidence = check_bootstrap_options(num_bootstrap, confidence, weights)
-    per_sequence = _per_sequence_histograms(topk, num_experts, seg_len, level, lengths, backend)
+    ids, lengths = _check_routing(topk, num_experts, level, lengths)
+    _check_histogram_memory(ids, num_experts, seg_len, level)
+    per_sequence = _per_sequence_histograms(ids, lengths, num_experts, seg_len, level, backend)
     if num_bootstrap > 0 or weights is not None:
         weights = bootstrap_weights(per_sequence.shape[0], num_bootstrap, confidence, generator, weights)
     return score_sequences(per_sequence, weights, confidence)
@@ -281,11 +301,11 @@ def score_sequences(per_sequence: torch.Tensor, weights: Optional[torch.Tensor] 
         weights: int64 ``[S, B]`` bootstrap multiplicities, or ``None`` for no CI.
         confidence: CI level.
     """
-    score = srp_score(per_sequence.sum(0))
+    score = score_histograms(per_sequence.sum(0))
     if weights is None:
         return score
     check_allocation((weights.shape[1], *per_sequence.shape[1:]), "num_bootstrap", "replicate histograms [B, ...]")
-    replicates = srp_score(weighted_sum(weights, per_sequence)).best_f1.movedim(0, -1)
+    replicates = score_histograms(weighted_sum(weights, per_sequence)).best_f1.movedim(0, -1)
     low, high = basic_interval(score.best_f1, replicates, confidence)
     return SRPScore(score.best_f1, score.threshold, score.best_m, score.act_r, score.support, low, high)
 
@@ -337,11 +357,9 @@ def srp_positionwise(topk: Union[torch.Tensor, Sequence[torch.Tensor]], num_expe
     """
     check_choice(level, "level", LEVELS)
     seg_len = check_int(seg_len, "seg_len", minimum=1)
+    ids, lengths = _check_routing(topk, num_experts, level, lengths)
     if level == "model":
-        topk = stack_layers(topk, "topk")
-        ids, lengths, _ = check_topk(topk, num_experts, batched_rank=4, lengths=lengths)
         hists = [_positionwise_histograms(layer, lengths, num_experts, seg_len) for layer in ids]
-        return srp_score(torch.stack(hists).sum(dim=(0, 2)))
-    ids, lengths, _ = check_topk(topk, num_experts, lengths=lengths)
+        return score_histograms(torch.stack(hists).sum(dim=(0, 2)))
     hist = _positionwise_histograms(ids, lengths, num_experts, seg_len)
-    return srp_score(hist if level == "expert" else hist.sum(1))
+    return score_histograms(hist if level == "expert" else hist.sum(1))

@@ -1,4 +1,5 @@
-"""Routing-trace generators, hypothesis strategies and the backend parameter shared by all tests.
+"""Routing-trace generators, hypothesis strategies, the SPEC worked examples, the Triton-interpreter setup,
+the backend parameter and exact-comparison helpers shared by all tests.
 
 Traces are int64 ``[S, T, k]`` tensors of expert ids in ``[0, E)`` with ``-1`` for "no expert"; a valid id
 never repeats inside a row. The generators cover the regimes that stress different code paths: uniform
@@ -10,9 +11,12 @@ import os
 
 import torch
 
-# The Triton interpreter must be selected before anything imports triton; torch itself does not.
+# The Triton interpreter must be selected before anything imports triton; torch itself does not. Test modules
+# are imported after this file, so they only need TRITON_DEVICE.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Where the Triton kernels run: CUDA when present, else the interpreter on CPU tensors.
+TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 import zlib
 from dataclasses import dataclass
@@ -44,6 +48,24 @@ EXAMPLE_C = torch.tensor([
     [[3, 2], [3, -1], [2, 3], [1, 0]],
 ])
 EXAMPLE_C_LENGTHS = torch.tensor([4, 3])
+
+
+def assert_equal_ints(actual, expected, what: str = "result") -> None:
+    """Exact equality of integer tensors (or nested lists); a failure names the first differing index.
+
+    A failing hypothesis case then reads ``srp_counts: first difference at index (1, 3, 0): 2 != 1`` instead
+    of two long tensors. Shapes must match too; tensors are compared on the CPU.
+    """
+    actual = torch.as_tensor(actual).cpu()
+    expected = torch.as_tensor(expected).cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert not actual.is_floating_point() and not expected.is_floating_point(), \
+        f"{what}: expected integer tensors, received {actual.dtype} and {expected.dtype}"
+    differs = actual.long() != expected.long()
+    if bool(differs.any()):
+        index = tuple(int(i) for i in differs.nonzero()[0])
+        raise AssertionError(f"{what}: first difference at index {index}: {actual[index].item()} != "
+                             f"{expected[index].item()} ({int(differs.sum())} of {differs.numel()} entries differ)")
 
 
 def pytest_configure(config):

@@ -56,3 +56,37 @@ def test_bench_validate_small_run_times_both_repeated_id_checks():
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = re.findall(r"^int(?:32|64).* (\d+\.\d+) ms +(\d+\.\d+) ms +(\d+\.\d+)x$", result.stdout, flags=re.M)
     assert len(rows) == 2, result.stdout
+
+
+def test_bench_common_generators_timer_and_table(capsys):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import _common
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    import torch
+
+    sticky = _common.sticky_trace(3, 50, 16, 4, rho=0.99, seed=1)
+    uniform = _common.uniform_trace(3, 50, 16, 4, seed=1)
+    zipf = _common.zipf_trace(3, 50, 16, 4, seed=1)
+    assert torch.equal(uniform, _common.sticky_trace(3, 50, 16, 4, rho=0.0, seed=1))
+    for trace in (sticky, uniform, zipf):
+        assert trace.dtype == torch.int32 and trace.shape == (3, 50, 4) and trace.is_contiguous()
+        rows = trace.reshape(-1, 4)
+        assert bool(((rows >= 0) & (rows < 16)).all())
+        assert all(len(set(row)) == 4 for row in rows.tolist())
+
+    def kept(trace):  # slots of a token that the next token keeps
+        return sum(len(set(a) & set(b)) for seq in trace.tolist() for a, b in zip(seq, seq[1:]))
+
+    assert kept(sticky) > 2 * kept(uniform)  # rho = 0.99 keeps most experts; fresh logits keep ~k²/E
+    popularity = torch.bincount(zipf.reshape(-1).long(), minlength=16).sort(descending=True).values
+    assert popularity[0] > 3 * popularity[-1]
+
+    clock = iter([0.0, 5.0, 10.0, 12.0, 20.0, 24.0]).__next__  # calls take 5, 2 and 4 "seconds"
+    calls = []
+    assert _common.best_of(lambda: calls.append(1) or len(calls), 3, warmup=1, clock=clock) == (4, 2.0)
+    table = _common.Table(("policy", 6), ("api", 6))
+    table.print_header()
+    table.print_row("lru", "1.5ms", suffix="  note")
+    assert capsys.readouterr().out == "policy    api\nlru     1.5ms  note\n"

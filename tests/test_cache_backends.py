@@ -1,8 +1,8 @@
 """Cache hit counts: every backend equals the one-cache-per-size reference exactly, and obeys SPEC §4.
 
 The reference (tests/reference.py) simulates one cache per size m with the SPEC §4 protocol; the backends
-use the stack algorithm. Property tests compare them with ``torch.equal`` over all four policies and both
-options. The Triton backend runs in the interpreter on CPU CI (~30 ms per reference), so its traces are
+use the stack algorithm. Property tests compare them exactly (``assert_equal_ints`` names the first differing
+index) over all four policies and both options. The Triton backend runs in the interpreter on CPU CI (~30 ms per reference), so its traces are
 shorter and its examples fewer.
 """
 
@@ -20,6 +20,7 @@ from conftest import (
     EXAMPLE_C_LENGTHS,
     LAYOUTS,
     TraceCase,
+    assert_equal_ints,
     backend_device,
     call_backend,
     generate_trace,
@@ -51,7 +52,7 @@ def check_against_reference(case, backend):
                               free_slot_hits, lookup)
     hits = library_hits(trace, policy, free_slot_hits, lookup, backend)
     assert hits.dtype == torch.int64
-    assert torch.equal(hits, expected)
+    assert_equal_ints(hits, expected)
 
 
 def references_and_distinct(topk, lengths):
@@ -146,7 +147,7 @@ def test_spec_example_tables(topk, lengths, backend):
                 hits = call_backend(lrc_kernels.cache_hits, topk, 4, policy, seg_len=seg_len, lengths=lengths,
                                     free_slot_hits=free_slot_hits, lookup=lookup, backend=backend)
                 expected = ref_cache_hits(topk, lengths, 4, policy, seg_len, free_slot_hits, lookup)
-                assert torch.equal(hits, expected), (policy, seg_len, free_slot_hits, lookup)
+                assert_equal_ints(hits, expected, f"{policy} L={seg_len} free_slot_hits={free_slot_hits} {lookup}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -209,7 +210,7 @@ def test_sch_lookahead_one_is_lru_for_one_slot(kind, lookup, backend):
     """With k = 1 the look-ahead of SCH(1) is empty, so LRU decides every eviction (SPEC §4)."""
     topk = generate_trace(kind, 2, 30, 1, 7, drop_prob=0.2, seed=3)
     trace = (topk, None, 7, 1)
-    assert torch.equal(library_hits(trace, "sch", lookup=lookup, backend=backend),
+    assert_equal_ints(library_hits(trace, "sch", lookup=lookup, backend=backend),
                        library_hits(trace, "lru", lookup=lookup, backend=backend))
 
 
@@ -237,8 +238,8 @@ def test_layouts_and_dtypes(layout, backend):
         hits = library_hits((view, view_lengths, num_experts, seg_len), policy, backend=backend)
         contiguous = library_hits((view.contiguous().long(), view_lengths.contiguous().long(), num_experts,
                                    seg_len), policy, backend=backend)
-        assert torch.equal(hits, contiguous)
-        assert torch.equal(hits, ref_cache_hits(view.cpu(), view_lengths.cpu(), num_experts, policy,
+        assert_equal_ints(hits, contiguous)
+        assert_equal_ints(hits, ref_cache_hits(view.cpu(), view_lengths.cpu(), num_experts, policy,
                                                 seg_len if policy == "sch" else None))
 
 
@@ -248,7 +249,7 @@ def test_single_sequence_input(backend):
     for policy in POLICIES:
         hits = call_backend(lrc_kernels.cache_hits, topk[0], num_experts, policy,
                             seg_len=seg_len if policy == "sch" else None, backend=backend)
-        assert torch.equal(hits, ref_cache_hits(topk, None, num_experts, policy, seg_len)[0])
+        assert_equal_ints(hits, ref_cache_hits(topk, None, num_experts, policy, seg_len)[0])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -237,6 +237,22 @@ def test_bad_command_line_exits_2(capsys):
     assert main(["--help"]) == 0
 
 
+def test_help_texts_name_no_file_an_installed_package_lacks():
+    """An installed package has no docs/ folder: a --help text that cites one says it is in the repository."""
+    import argparse
+    import re
+
+    from lrc_kernels.cli.main import build_parser
+
+    parser = build_parser()
+    parsers = [parser] + [sub for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+                          for sub in action.choices.values()]
+    for command in parsers:
+        text = " ".join(command.format_help().split())
+        for citation in re.finditer(r"\S*\.md\b", text):
+            assert "source repository" in text[citation.end():citation.end() + 60], (command.prog, citation[0])
+
+
 def test_subprocess_module_entry_point(tmp_path):
     path = tmp_path / "t.npz"
     np.savez(path, topk=generate_trace("phased", 3, 24, 2, 6, seed=1).numpy())

@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lrc_kernels
-from conftest import generate_trace, random_lengths, routing_traces
+from conftest import assert_equal_ints, generate_trace, random_lengths, routing_traces
+from lrc_kernels import dispatch
 from lrc_kernels.cpu import cache as cpu_cache
 from reference import ref_cache_hits, ref_concat_layers
 
@@ -48,7 +49,7 @@ def test_model_level_stack_matches_reference(policy, seg_len, free_slot_hits, lo
     num_slots = NUM_LAYERS * NUM_EXPERTS
     hits = lrc_kernels.cache_hits(stream, num_slots, policy, seg_len=seg_len, lengths=lengths,
                                   free_slot_hits=free_slot_hits, lookup=lookup, backend="cpu")
-    assert torch.equal(hits, _reference_hits(policy, seg_len, free_slot_hits, lookup))
+    assert_equal_ints(hits, _reference_hits(policy, seg_len, free_slot_hits, lookup))
 
 
 @settings(max_examples=40, deadline=None)
@@ -69,8 +70,8 @@ def test_walk_with_block_skips_matches_reference(trace, log_block, policy_config
 
 
 def test_slot_count_guard_names_the_limit():
-    """T·k >= 2^31 slots per sequence would overflow the packed pair keys; a stride-0 view allocates nothing."""
+    """T·k >= 2^31 slots per sequence would overflow the packed pair keys; the CPU backend declares the limit
+    and the dispatcher refuses before any work (a stride-0 view allocates nothing)."""
     topk = torch.zeros(1, 1, 1, dtype=torch.int32).expand(1, 1 << 28, 8)
-    lengths = torch.zeros(1, dtype=torch.int64)
-    with pytest.raises(ValueError, match=r"T·k < 2\^31 .* T·k = 2147483648"):
-        cpu_cache.cache_hits(topk, lengths, 8, "lfu", None, True, "token")
+    with pytest.raises(ValueError, match=r"backend: 'cpu' needs T\*k < 2\^31 .* T\*k = 2147483648"):
+        dispatch.choose_backend("cache_hits", "cpu", topk, 8, "lfu")

@@ -1,12 +1,13 @@
-"""Edge cases of the CPU backend lrc_kernels.cpu.srp, called directly with contract inputs (CONTRACT.md:
-int32 contiguous ``[S, T, k]``, int64 ``[S]`` lengths). Random traces are covered by test_srp_backends.py;
-here every expected value follows from SPEC §8 or §9 or from the window count W_s = max(T_s - L + 1, 0).
+"""Edge cases of the CPU backend lrc_kernels.cpu.srp, called directly with contract inputs
+(docs/architecture.md, "Backend contract": int32 contiguous ``[S, T, k]``, int64 ``[S]`` lengths). Random
+traces are covered by test_srp_backends.py; here every expected value follows from SPEC §8 or §9 or from the
+window count W_s = max(T_s - L + 1, 0).
 """
 
 import pytest
 import torch
 
-from conftest import EXAMPLE_A, EXAMPLE_B, EXAMPLE_C, EXAMPLE_C_LENGTHS, generate_trace
+from conftest import EXAMPLE_A, EXAMPLE_B, EXAMPLE_C, EXAMPLE_C_LENGTHS, assert_equal_ints, generate_trace
 from lrc_kernels.cpu.srp import segment_coverage, srp_counts
 from reference import ref_segment_coverage, ref_srp_counts
 
@@ -82,14 +83,14 @@ def test_every_expert_in_every_row(num_experts):
 def test_single_expert_with_gaps_matches_reference(seg_len):
     topk, lengths = contract_inputs(generate_trace("uniform", 3, 30, 1, 1, drop_prob=0.4, seed=seg_len),
                                     torch.tensor([30, 17, 1]))
-    assert torch.equal(srp_counts(topk, lengths, 1, seg_len), ref_srp_counts(topk, lengths, 1, seg_len))
-    assert torch.equal(segment_coverage(topk, lengths, 1, seg_len), ref_segment_coverage(topk, lengths, 1, seg_len))
+    assert_equal_ints(srp_counts(topk, lengths, 1, seg_len), ref_srp_counts(topk, lengths, 1, seg_len))
+    assert_equal_ints(segment_coverage(topk, lengths, 1, seg_len), ref_segment_coverage(topk, lengths, 1, seg_len))
 
 
 def test_repeated_experts_across_the_slide():
     # An expert leaving and re-entering at the same slide must not disturb the credited window counts.
     topk, lengths = contract_inputs(generate_trace("cyclic", 2, 60, 3, 7, param=4, drop_prob=0.1, seed=3))
     for seg_len in (1, 4, 8, 13):
-        assert torch.equal(srp_counts(topk, lengths, 7, seg_len), ref_srp_counts(topk, lengths, 7, seg_len))
-        assert torch.equal(segment_coverage(topk, lengths, 7, seg_len),
+        assert_equal_ints(srp_counts(topk, lengths, 7, seg_len), ref_srp_counts(topk, lengths, 7, seg_len))
+        assert_equal_ints(segment_coverage(topk, lengths, 7, seg_len),
                            ref_segment_coverage(topk, lengths, 7, seg_len))

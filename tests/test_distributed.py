@@ -4,7 +4,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lrc_kernels.hf.monitor import RoutingMonitor
+from lrc_kernels.monitor import RoutingMonitor
 
 WORLD_SIZE, E, K, N_LAYERS, B = 2, 6, 2, 3, 20
 MONITOR_ARGS = dict(seg_lens=(2, 5), cache_sizes_in_k=(1, 2), num_experts=E)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lrc_kernels as lk
-from lrc_kernels.hf.monitor import RoutingMonitor
+from lrc_kernels.monitor import RoutingMonitor
 
 E, K, N_LAYERS = 6, 2, 3
 SEG_LENS = (2, 5)

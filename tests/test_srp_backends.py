@@ -1,8 +1,8 @@
 """SRP histograms, segment coverage and their scores: every backend equals the naive reference exactly.
 
 Property tests draw routing traces (conftest.routing_traces) and compare ``lrc_kernels.srp_counts`` and
-``lrc_kernels.segment_coverage`` with tests/reference.py via ``torch.equal``. The Triton backend runs in
-the interpreter on CPU CI, so its examples are smaller and fewer.
+``lrc_kernels.segment_coverage`` with tests/reference.py exactly (``assert_equal_ints`` names the first
+differing index). The Triton backend runs in the interpreter on CPU CI, so its examples are smaller and fewer.
 """
 
 import math
@@ -20,6 +20,7 @@ from conftest import (
     EXAMPLE_C_LENGTHS,
     LAYOUTS,
     TraceCase,
+    assert_equal_ints,
     backend_device,
     call_backend,
     relayout,
@@ -59,11 +60,11 @@ def check_srp_counts(trace, backend):
     expected = ref_srp_counts(topk, lengths, num_experts, seg_len)
     counts = call_backend(lrc_kernels.srp_counts, topk, num_experts, seg_len, lengths=lengths, backend=backend)
     assert counts.dtype == torch.int64
-    assert torch.equal(counts, expected)
+    assert_equal_ints(counts, expected)
     pooled = call_backend(lrc_kernels.srp_counts, topk, num_experts, seg_len, lengths=lengths, pool="experts",
                           backend=backend)
     assert pooled.dtype == torch.int64
-    assert torch.equal(pooled, expected.sum(1))
+    assert_equal_ints(pooled, expected.sum(1))
 
 
 def check_segment_coverage(trace, backend):
@@ -72,7 +73,7 @@ def check_segment_coverage(trace, backend):
     coverage = call_backend(lrc_kernels.segment_coverage, topk, num_experts, seg_len, lengths=lengths,
                             backend=backend)
     assert coverage.dtype == torch.int64
-    assert torch.equal(coverage, expected)
+    assert_equal_ints(coverage, expected)
 
 
 @settings(max_examples=60, deadline=None)
@@ -129,16 +130,16 @@ def test_layouts_and_dtypes(layout, backend):
         result = call_backend(function, view, num_experts, seg_len, lengths=view_lengths, backend=backend)
         contiguous = call_backend(function, view.contiguous().long(), num_experts, seg_len,
                                   lengths=view_lengths.contiguous().long(), backend=backend)
-        assert torch.equal(result, contiguous)
-        assert torch.equal(result, reference(view.cpu(), view_lengths.cpu(), num_experts, seg_len))
+        assert_equal_ints(result, contiguous)
+        assert_equal_ints(result, reference(view.cpu(), view_lengths.cpu(), num_experts, seg_len))
 
 
 def test_single_sequence_input(backend):
     topk, _, num_experts, seg_len = TraceCase("zipf", 10, 3, 30, 4, 1.2, num_sequences=1, drop_prob=0.2).build()
     counts = call_backend(lrc_kernels.srp_counts, topk[0], num_experts, seg_len, backend=backend)
-    assert torch.equal(counts, ref_srp_counts(topk, None, num_experts, seg_len)[0])
+    assert_equal_ints(counts, ref_srp_counts(topk, None, num_experts, seg_len)[0])
     coverage = call_backend(lrc_kernels.segment_coverage, topk[0], num_experts, seg_len, backend=backend)
-    assert torch.equal(coverage, ref_segment_coverage(topk, None, num_experts, seg_len)[0])
+    assert_equal_ints(coverage, ref_segment_coverage(topk, None, num_experts, seg_len)[0])
 
 
 @pytest.mark.parametrize("shape", [(0, 5, 2), (2, 0, 2), (2, 5, 0), (3, 4, 2)], ids=str)

@@ -6,18 +6,14 @@ Without CUDA they run under the Triton interpreter on CPU tensors; sizes stay sm
 pays ~0.3 ms per stack lane per reference for the prefix-min scan.
 """
 
-import os
 import random
 
 import pytest
 import torch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-triton_cache = pytest.importorskip("lrc_kernels.triton.cache")
+from conftest import EXAMPLE_A, EXAMPLE_B, EXAMPLE_C, TRITON_DEVICE as DEVICE, assert_compiles_for_sm90
 
-from conftest import assert_compiles_for_sm90  # noqa: E402
+triton_cache = pytest.importorskip("lrc_kernels.triton.cache")
 from reference import ref_cache_hits  # noqa: E402
 
 STACKS = [pytest.param({"stack": "registers"}, id="registers"),
@@ -38,10 +34,6 @@ def _hits(topk, lengths, num_experts, policy, seg_len=None, free_slot_hits=True,
     assert hits.dtype == torch.int64 and hits.device == topk.device
     return hits.cpu().tolist()
 
-
-EXAMPLE_A = [[[0], [0], [1], [2], [0], [3], [2], [1]]]
-EXAMPLE_B = [[[0, 1], [2, 0], [3, 2], [1, 3], [2, 1], [3, 0]]]
-EXAMPLE_C = [[[0, 1], [-1, 2], [-1, -1], [0, 2]], [[3, 2], [3, -1], [2, 3], [1, 0]]]
 
 # (trace, lengths, policy, seg_len, free_slot_hits, lookup, hits) straight from the SPEC tables
 SPEC_CASES = [
@@ -80,7 +72,7 @@ SPEC_CASES = [
     ("model", [4], "lru", None, True, "token", [[3, 4, 6, 8]]),
     ("model", [4], "lru", None, True, "sequential", [[1, 4, 6, 8]]),
 ]
-TRACES = {"A": EXAMPLE_A, "B": EXAMPLE_B, "C": EXAMPLE_C, "model": [[[0, 3], [1, 3], [0, 2], [1, 2]]]}
+TRACES = {"A": EXAMPLE_A.tolist(), "B": EXAMPLE_B.tolist(), "C": EXAMPLE_C.tolist(), "model": [[[0, 3], [1, 3], [0, 2], [1, 2]]]}
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -153,17 +145,10 @@ def test_section9_edge_cases(stack):
     assert _hits(single, _lengths([4, 4, 0]), 1, "lfu", None, False, "sequential", **stack) == [[2], [0], [0]]
 
 
-def test_key_range_is_checked():
-    # lfu/sch keys need 2*log2(B) + log2(E_PAD) <= 62 bits, B > T*k + E
-    assert triton_cache._key_bits(4096, 128, "sch", 7) == 13
-    with pytest.raises(ValueError, match="backend='cpu'"):
-        triton_cache._key_bits(1 << 26, 8192, "lfu", 13)
-
-
 def test_next_use_times_example_c():
     """Sequence 0 of SPEC Example C has references 0:0 1:1 2:2 3:0 4:2 (N = 5), sequence 1 (length 3) has
     0:3 1:2 2:3 3:2 4:3; a last use gets N + 1 + id."""
-    next_use = triton_cache.next_use_times(_topk(EXAMPLE_C), _lengths([4, 3]), 4).cpu()
+    next_use = triton_cache.next_use_times(_topk(EXAMPLE_C.tolist()), _lengths([4, 3]), 4).cpu()
     assert next_use[0, 0].tolist() == [3, 6 + 1]
     assert next_use[0, 1, 1].item() == 4 and next_use[0, 3].tolist() == [6 + 0, 6 + 2]
     assert next_use[1, 0].tolist() == [2, 3] and next_use[1, 1, 0].item() == 4
@@ -209,7 +194,7 @@ def test_kernels_compile_for_sm90():
 def test_wide_keys_near_62_bits(launcher):
     """Any B = 2**log_b above every time works; the widest B the key check allows puts packed values near
     2^62, where a 32-bit intermediate anywhere in the key arithmetic would overflow."""
-    topk, lengths = _topk(EXAMPLE_B), _lengths([6])
+    topk, lengths = _topk(EXAMPLE_B.tolist()), _lengths([6])
     log_e_pad = 2
     for policy, seg_len, expected in [("lfu", None, [1, 5, 9, 12]), ("sch", 2, [1, 7, 10, 12]),
                                       ("belady", None, [1, 6, 10, 12]), ("lru", None, [1, 6, 9, 12])]:

@@ -1,21 +1,19 @@
 """Triton SRP histograms and segment coverage (lrc_kernels/triton/srp.py) against the SPEC and the reference.
 
 Without CUDA the kernels run under the Triton interpreter on CPU tensors (TRITON_INTERPRET=1 must be set
-before the kernel module is imported). Sizes stay small: the interpreter costs ~0.1 s per token per call.
+before the kernel module is imported; tests/conftest.py sets it). Sizes stay small: the interpreter costs
+~0.1 s per token per call.
 """
 
-import os
 import random
 
 import pytest
 import torch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-triton_srp = pytest.importorskip("lrc_kernels.triton.srp")
+from conftest import EXAMPLE_A, EXAMPLE_B, EXAMPLE_C, EXAMPLE_C_LENGTHS, TRITON_DEVICE as DEVICE
+from conftest import assert_compiles_for_sm90, assert_equal_ints
 
-from conftest import assert_compiles_for_sm90  # noqa: E402
+triton_srp = pytest.importorskip("lrc_kernels.triton.srp")
 from reference import ref_segment_coverage, ref_srp_counts  # noqa: E402
 
 
@@ -55,13 +53,14 @@ def _assert_matches_reference(topk, lengths, num_experts, seg_len):
     assert hist.dtype == torch.int64 and coverage.dtype == torch.int64
     assert hist.device == topk.device and coverage.device == topk.device
     cpu_topk, cpu_lengths = topk.cpu(), lengths.cpu()
-    assert torch.equal(hist.cpu(), ref_srp_counts(cpu_topk, cpu_lengths, num_experts, seg_len))
-    assert torch.equal(coverage.cpu(), ref_segment_coverage(cpu_topk, cpu_lengths, num_experts, seg_len))
+    assert_equal_ints(hist, ref_srp_counts(cpu_topk, cpu_lengths, num_experts, seg_len), "srp_counts")
+    assert_equal_ints(coverage, ref_segment_coverage(cpu_topk, cpu_lengths, num_experts, seg_len),
+                      "segment_coverage")
 
 
 def test_example_a():
     """SPEC §8 Example A, L = 2: per-expert H and cov = [8, 14, 14, 14]."""
-    topk = _topk([[[0], [0], [1], [2], [0], [3], [2], [1]]])
+    topk = EXAMPLE_A.to(DEVICE, torch.int32)
     hist = triton_srp.srp_counts(topk, _lengths([8]), 4, 2)
     assert hist.cpu().tolist() == [[[3, 3, 1], [4, 3, 0], [3, 4, 0], [5, 2, 0]]]
     assert triton_srp.segment_coverage(topk, _lengths([8]), 4, 2).cpu().tolist() == [[8, 14, 14, 14]]
@@ -69,7 +68,7 @@ def test_example_a():
 
 def test_example_b():
     """SPEC §8 Example B, L = 3: per-expert H and cov = [8, 16, 21, 24]."""
-    topk = _topk([[[0, 1], [2, 0], [3, 2], [1, 3], [2, 1], [3, 0]]])
+    topk = EXAMPLE_B.to(DEVICE, torch.int32)
     hist = triton_srp.srp_counts(topk, _lengths([6]), 4, 3)
     assert hist.cpu().tolist() == [[[1, 2, 1, 0], [0, 2, 2, 0], [0, 1, 3, 0], [0, 1, 3, 0]]]
     assert triton_srp.segment_coverage(topk, _lengths([6]), 4, 3).cpu().tolist() == [[8, 16, 21, 24]]
@@ -77,8 +76,8 @@ def test_example_b():
 
 def test_example_c_minus_one_and_lengths():
     """SPEC §8 Example C, L = 2: expert H pooled over sequences, and per-sequence cov."""
-    topk = _topk([[[0, 1], [-1, 2], [-1, -1], [0, 2]], [[3, 2], [3, -1], [2, 3], [1, 0]]])
-    lengths = _lengths([4, 3])
+    topk = EXAMPLE_C.to(DEVICE, torch.int32)
+    lengths = EXAMPLE_C_LENGTHS.to(DEVICE)
     hist = triton_srp.srp_counts(topk, lengths, 4, 2)
     assert hist.sum(0).cpu().tolist() == [[3, 2, 0], [4, 1, 0], [0, 5, 0], [3, 0, 2]]
     assert hist[0, 3].cpu().tolist() == [3, 0, 0]
@@ -154,12 +153,6 @@ def test_many_experts_match_reference():
         row[1] = -1
     rows = [rows]
     _assert_matches_reference(_topk(rows), _lengths([num_tokens]), num_experts, 3)
-
-
-def test_coverage_rejects_too_many_experts():
-    topk = torch.zeros((1, 2, 1), dtype=torch.int32, device=DEVICE)
-    with pytest.raises(ValueError, match="num_experts"):
-        triton_srp.segment_coverage(topk, _lengths([2]), triton_srp.MAX_COVERAGE_EXPERTS + 1, 1)
 
 
 _COMPILE_FOR_SM90 = """

@@ -1,4 +1,7 @@
-"""lrc-kernels: local routing consistency reports of MoE models and of saved routing traces (docs/cli.md)."""
+"""lrc-kernels: local routing consistency reports of MoE models and of saved routing traces.
+
+Documented in docs/cli.md of the lrc_kernels source repository.
+"""
 
 from __future__ import annotations
 
@@ -89,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_options(analyze, config_option=False)
 
     trace = commands.add_parser("trace", help="report on saved routing: our files, vLLM, SGLang, Megatron-Core",
-                                description="Report on saved routing, one file or many (summed); formats in "
-                                            "docs/formats.md. Under torchrun the files are sharded over ranks.")
+                                description="Report on saved routing, one file or many (summed); the formats are "
+                                            "described in docs/formats.md of the lrc_kernels source repository. "
+                                            "Under torchrun the files are sharded over ranks.")
     add_trace_arguments(trace, _positive_int)
     _add_report_options(trace)
     add_plan_options(trace, config_option=False)   # trace's --model-config (alias --config) gives the expert size

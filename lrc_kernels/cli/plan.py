@@ -39,7 +39,7 @@ def _number(kind, minimum: float, *, strict: bool = False):
 
 def add_plan_options(parser: argparse.ArgumentParser, *, config_option: bool = True) -> None:
     """The budget, expert-size and bandwidth options shared by analyze, trace and plan."""
-    group = parser.add_argument_group("cache plan (docs/planning.md)")
+    group = parser.add_argument_group("cache plan (docs/planning.md of the lrc_kernels source repository)")
     budget = group.add_mutually_exclusive_group()
     budget.add_argument("--cache-gib", type=_number(float, 0.0), metavar="G",
                         help="expert-cache budget in GiB over all layers (needs the expert size)")

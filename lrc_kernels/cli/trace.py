@@ -23,8 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser, positive_int) -> None:
     parser.add_argument("files", nargs="+", metavar="FILE",
                         help="trace files, directories (their files) or quoted globs")
     parser.add_argument("--format", choices=FORMATS, default="auto",
-                        help="file format, see docs/formats.md; 'auto' recognises it from the content "
-                             "(default: %(default)s)")
+                        help="file format (docs/formats.md of the lrc_kernels source repository); 'auto' "
+                             "recognises it from the content (default: %(default)s)")
     parser.add_argument("--num-experts", type=positive_int, default=None, metavar="E",
                         help="routed experts per layer; ids must lie in [-1, E) (not needed for trace files "
                              "written by RoutingTrace.save or SGLang dumps)")

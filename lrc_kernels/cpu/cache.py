@@ -27,7 +27,7 @@ reference is O(d + 1) however deep the stack is. Two kernels do this, picked by 
   is passed over in one comparison: the cost grows with the blocks that hold a change, not with the depth.
 
 Pair keys ``(a, τ)`` pack into one int64 as ``a·2^32 + τ``, which is exact while a sequence holds fewer than
-2^31 slots.
+2^31 slots (``MAX_CACHE_SLOTS_PER_SEQUENCE`` in :mod:`lrc_kernels.cpu`, which the dispatcher checks).
 
 Inputs are validated by the public API layer (docs/architecture.md): ``topk`` is int32, contiguous,
 ``[S, T, k]`` with ids in ``[-1, E)`` and no repeated valid id in a row; ``lengths`` is int64 ``[S]`` with
@@ -365,11 +365,7 @@ def cache_hits(topk, lengths, num_experts, policy, seg_len, free_slot_hits, look
     Returns:
         int64 ``[S, num_experts]``; entry ``[s, m-1]`` is the hits of the size-``m`` cache.
     """
-    num_sequences, num_tokens, num_slots = topk.shape
-    if num_tokens * num_slots >= 1 << 31:
-        raise ValueError(
-            f"topk: the CPU cache backend needs T·k < 2^31 slots per sequence, got T·k = {num_tokens * num_slots}"
-        )
+    num_sequences, num_tokens, num_slots = topk.shape  # T·k < 2^31: lrc_kernels.cpu.supports, checked by dispatch
     topk = np.ascontiguousarray(topk.numpy())
     lengths = np.ascontiguousarray(lengths.numpy())
     hits = np.zeros((num_sequences, num_experts), np.int64)

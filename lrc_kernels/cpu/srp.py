@@ -7,10 +7,10 @@ quantity that changes at window ``w`` is credited with the number of windows it 
 experts (``srp_pooled_counts``), the credits go straight to one ``[L+1]`` row per sequence, so the
 ``[S, E, L+1]`` histograms never exist. Sequences run in parallel slices (``parallel.run_sliced``).
 
-Inputs are validated by the public API layer (CONTRACT.md): ``topk`` is int32, contiguous, ``[S, T, k]``
-with ids in ``[-1, E)`` and no repeated valid id in a row; ``lengths`` is int64 ``[S]`` with values in
-``[0, T]``. Arrays cross into numba through ``Tensor.numpy()`` without copies; the dtypes are fixed so each
-kernel compiles exactly one signature.
+Inputs are validated by the public API layer (docs/architecture.md, "Backend contract"): ``topk`` is int32,
+contiguous, ``[S, T, k]`` with ids in ``[-1, E)`` and no repeated valid id in a row; ``lengths`` is int64
+``[S]`` with values in ``[0, T]``. Arrays cross into numba through ``Tensor.numpy()`` without copies; the
+dtypes are fixed so each kernel compiles exactly one signature.
 """
 
 import numba

@@ -2,8 +2,9 @@
 
 :func:`find_routers` lists a model's MoE routers; :class:`RoutingRecorder` records the experts each router
 selects during a forward pass; :class:`RoutingMonitor` accumulates exact routing-consistency statistics
-from recorded routing; :class:`LRCCallback` wires both into the transformers ``Trainer``,
-:class:`LRCLightningCallback` into Lightning (needs ``lightning``), and :class:`RoutingTap` into any loop.
+from recorded routing (it lives in :mod:`lrc_kernels.monitor`; this package re-exports it);
+:class:`LRCCallback` wires both into the transformers ``Trainer``, :class:`LRCLightningCallback` into
+Lightning (needs ``lightning``), and :class:`RoutingTap` into any loop.
 
 Every name is loaded on first use. The capture names and the Trainer callback need transformers >= 5
 (``pip install 'lrc-kernels[hf]'``); ``RoutingMonitor`` only consumes tensors and works without it.
@@ -15,7 +16,7 @@ _NEEDS_TRANSFORMERS = {"RouterSite": ".routers", "find_routers": ".routers", "Ro
                        "LRCCallback": ".callbacks", "RoutingTap": ".callbacks"}
 # Also needs lightning, so it stays out of __all__: `from lrc_kernels.hf import *` must work without it.
 _NEEDS_LIGHTNING = {"LRCLightningCallback": ".lightning_callback"}
-_TENSORS_ONLY = {"RoutingMonitor": ".monitor"}
+_TENSORS_ONLY = {"RoutingMonitor": "lrc_kernels.monitor"}
 
 
 def require_transformers() -> None:

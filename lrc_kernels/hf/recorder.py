@@ -15,34 +15,13 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from lrc_kernels._nvtx import NvtxRange
 from lrc_kernels.trace import RoutingTrace
 
 from .routers import (EXPERTS_ARGS, INDEX_ARG, ONE_HOT_DISPATCH, ROUTER_LOGITS_TOPK, TOP1_MASK_AND_GATES,
                       RouterSite, find_routers)
 from .stitch import (ForwardInputs, GenerateRecord, GenerateWrapper, Layout, PassRecord, accumulated_inputs,
                      forward_layout, stitch, validated_selection)
-
-try:  # NVTX ranges in the library's own domain; the nvtx package makes them no-ops without a profiler.
-    import nvtx as _nvtx
-
-    _NVTX_DOMAIN = _nvtx.get_domain("lrc_kernels")
-except ImportError:
-    _NVTX_DOMAIN = None
-
-
-class _NvtxRange:
-    """A reusable NVTX push/pop range (event attributes are built once, not per call)."""
-
-    def __init__(self, message: str):
-        self._attributes = _NVTX_DOMAIN.get_event_attributes(message=message) if _NVTX_DOMAIN is not None else None
-
-    def __enter__(self):
-        if self._attributes is not None:
-            _NVTX_DOMAIN.push_range(self._attributes)
-
-    def __exit__(self, *exc_info):
-        if self._attributes is not None:
-            _NVTX_DOMAIN.pop_range()
 
 
 def _argument(args: tuple, kwargs: dict, spec: tuple[int, str]) -> torch.Tensor:
@@ -227,7 +206,7 @@ class RoutingRecorder:
                                f"incomplete; record again with a new recorder")
 
     def _register_site(self, site: RouterSite) -> tuple:
-        label = _NvtxRange(f"capture {site.name}")
+        label = NvtxRange(f"capture {site.name}")
         captures_logits = self._capture == "logits_topk"
         if captures_logits or site.kind == ROUTER_LOGITS_TOPK:
             def on_router_return(module, args, kwargs, output):
@@ -340,7 +319,7 @@ class RoutingRecorder:
                 more than once in the pass.
             ValueError: a non-2-D attention mask; NaN router logits under ``capture="logits_topk"``.
         """
-        with _NvtxRange("routing layout"):
+        with NvtxRange("routing layout"):
             return {name: layout.apply(selection) for name, (selection, layout) in self._results("routing").items()}
 
     def lengths(self) -> dict[str, torch.Tensor]:
@@ -381,7 +360,7 @@ class RoutingRecorder:
         config = getattr(self._model, "config", None)
         meta = {"source": "lrc_kernels.hf.RoutingRecorder", "model": type(self._model).__name__,
                 "model_type": str(getattr(config, "model_type", "")), "capture": self._capture}
-        with _NvtxRange("stitch trace"):
+        with NvtxRange("stitch trace"):
             return stitch(self._groups, self._sites, validated_selection, meta)
 
 

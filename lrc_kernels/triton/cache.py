@@ -29,19 +29,22 @@ Two kernels, picked by E:
 
 Belady's next-use times are computed by ``next_use_times`` with torch (one backward pass over tokens).
 Packed values must stay below 2^62, so LFU and SCH need ``2*log2(B) + log2(E_PAD) <= 62`` (about 16M
-references per sequence at E_PAD = 8192); beyond that the launcher raises ``ValueError``.
+references per sequence at E_PAD = 8192); :func:`lrc_kernels.triton.cache_key_bits` computes B and
+``lrc_kernels.triton.supports`` declines larger inputs, which then run on the CPU backend.
 
 Both kernels are tested under the Triton interpreter and compiled ahead of time for sm_90 in the tests;
 they have not yet run on a GPU, and the chunked kernel's ``CHUNK`` and warp counts are untuned.
 
-Inputs are validated by the public API layer (CONTRACT.md): ``topk`` is int32, contiguous, ``[S, T, k]``
-with ids in ``[-1, E)`` and no repeated valid id in a row; ``lengths`` is int64 ``[S]`` with values in
-``[0, T]``, on the same device. Every count is int64 (SPEC section 9).
+Inputs are validated by the public API layer (docs/architecture.md, "Backend contract"): ``topk`` is int32,
+contiguous, ``[S, T, k]`` with ids in ``[-1, E)`` and no repeated valid id in a row; ``lengths`` is int64
+``[S]`` with values in ``[0, T]``, on the same device. Every count is int64 (SPEC section 9).
 """
 
 import torch
 import triton
 import triton.language as tl
+
+from . import cache_key_bits
 
 REGISTER_STACK_MAX_LANES = 256
 _POLICY_CODES = {"lru": 0, "lfu": 1, "sch": 2, "belady": 3}
@@ -83,11 +86,25 @@ def _packed_value(policy: tl.constexpr, time, count, next_use, expert, log_b, LO
 
 
 @triton.jit
-def _cache_depth_register_kernel(topk_ptr, lengths_ptr, next_use_ptr, at_depth_ptr, num_sequences, max_tokens,
-                                 num_slots, num_experts, seg_len, log_b, POLICY: tl.constexpr,
-                                 TOKEN_LOOKUP: tl.constexpr, FREE_SLOT_HITS: tl.constexpr,
-                                 BLOCK_S: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
-                                 LOG_E_PAD: tl.constexpr):
+def _cache_depth_register_kernel(
+    topk_ptr,                    # int32 [S, T, k] expert ids, -1 = no expert
+    lengths_ptr,                 # int64 [S] valid tokens per sequence
+    next_use_ptr,                # int64 [S, T, k] next-use times (belady; any valid pointer otherwise)
+    at_depth_ptr,                # int64 [S, E] out: references found at each stack depth
+    num_sequences,               # S
+    max_tokens,                  # T
+    num_slots,                   # k
+    num_experts,                 # E (n * E for a model-level stream)
+    seg_len,                     # SCH look-ahead L (0 for other policies)
+    log_b,                       # log2(B): B exceeds every time and next-use value
+    POLICY: tl.constexpr,        # _LRU, _LFU, _SCH or _BELADY
+    TOKEN_LOOKUP: tl.constexpr,  # classify a row against the stack at token start (else sequentially)
+    FREE_SLOT_HITS: tl.constexpr,  # a first reference counts at depth |P| (+ earlier first refs of its row)
+    BLOCK_S: tl.constexpr,       # sequences per program
+    K_PAD: tl.constexpr,         # next_power_of_2(k)
+    E_PAD: tl.constexpr,         # next_power_of_2(E): stack lanes per sequence
+    LOG_E_PAD: tl.constexpr,     # log2(E_PAD): expert-id bits of a packed stack value
+):
     sequences = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     sequence_ok = sequences < num_sequences
     sequences = sequences.to(tl.int64)
@@ -173,11 +190,27 @@ def _cache_depth_register_kernel(topk_ptr, lengths_ptr, next_use_ptr, at_depth_p
 
 
 @triton.jit
-def _cache_depth_chunked_kernel(topk_ptr, lengths_ptr, next_use_ptr, stack_ptr, slot_of_ptr, lookahead_ptr,
-                                at_depth_ptr, max_tokens, num_slots, num_experts, seg_len, log_b,
-                                POLICY: tl.constexpr, TOKEN_LOOKUP: tl.constexpr, FREE_SLOT_HITS: tl.constexpr,
-                                K_PAD: tl.constexpr, E_PAD: tl.constexpr, LOG_E_PAD: tl.constexpr,
-                                CHUNK: tl.constexpr):
+def _cache_depth_chunked_kernel(
+    topk_ptr,                    # int32 [S, T, k] expert ids, -1 = no expert
+    lengths_ptr,                 # int64 [S] valid tokens per sequence
+    next_use_ptr,                # int64 [S, T, k] next-use times (belady; any valid pointer otherwise)
+    stack_ptr,                   # int64 [S, E_PAD] scratch: the priority stack, all _EMPTY_SLOT on entry
+    slot_of_ptr,                 # int32 [S, E] scratch: expert -> stack slot, all -1 on entry
+    lookahead_ptr,               # int64 [S, E] scratch (sch; [1] otherwise): look-ahead uses F, zeros on entry
+    at_depth_ptr,                # int64 [S, E] out: references found at each stack depth
+    max_tokens,                  # T
+    num_slots,                   # k
+    num_experts,                 # E (n * E for a model-level stream)
+    seg_len,                     # SCH look-ahead L (0 for other policies)
+    log_b,                       # log2(B): B exceeds every time and next-use value
+    POLICY: tl.constexpr,        # _LRU, _LFU, _SCH or _BELADY
+    TOKEN_LOOKUP: tl.constexpr,  # classify a row against the stack at token start (else sequentially)
+    FREE_SLOT_HITS: tl.constexpr,  # a first reference counts at depth |P| (+ earlier first refs of its row)
+    K_PAD: tl.constexpr,         # next_power_of_2(k)
+    E_PAD: tl.constexpr,         # next_power_of_2(E): stack slots per sequence
+    LOG_E_PAD: tl.constexpr,     # log2(E_PAD): expert-id bits of a packed stack value
+    CHUNK: tl.constexpr,         # stack lanes per scan (power of two, <= E_PAD)
+):
     # Scratch (per sequence): stack [E_PAD] int64 all _EMPTY_SLOT, slot_of [E] int32 all -1 (expert -> stack
     # slot, -1 = never seen), lookahead [E] int64 zeros. Threads read slots other threads wrote, so every
     # step that writes scratch ends with a barrier.
@@ -295,16 +328,6 @@ def next_use_times(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int) 
     return next_use
 
 
-def _key_bits(num_slots_total: int, num_experts: int, policy: str, log_e_pad: int) -> int:
-    # B = 2**log_b must exceed every time and next-use value; keys stay below B**2 (lfu, sch) or 2*B
-    log_b = max(1, (num_slots_total + num_experts + 1).bit_length())
-    top_bits = (2 * log_b if policy in ("lfu", "sch") else log_b + 1) + log_e_pad
-    if top_bits > 62:
-        raise ValueError(f"topk: T*k = {num_slots_total} references per sequence with num_experts = "
-                         f"{num_experts} exceed the Triton cache kernel's 62-bit keys; use backend='cpu'")
-    return log_b
-
-
 def _at_depth_register(topk, lengths, next_use, num_experts, policy, seg_len, free_slot_hits, token_lookup,
                        log_b, e_pad, block_s=None):
     num_sequences, max_tokens, num_slots = topk.shape
@@ -367,7 +390,7 @@ def cache_hits(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int, poli
     e_pad = triton.next_power_of_2(num_experts)
     if num_sequences == 0 or max_tokens == 0 or num_slots == 0:
         return torch.zeros((num_sequences, num_experts), dtype=torch.int64, device=topk.device)
-    log_b = _key_bits(max_tokens * num_slots, num_experts, policy, e_pad.bit_length() - 1)
+    log_b = cache_key_bits(max_tokens * num_slots, num_experts, policy)  # not None: the dispatcher checked it
     next_use = next_use_times(topk, lengths, num_experts) if policy == "belady" else topk
     if stack == "auto":
         stack = "registers" if e_pad <= REGISTER_STACK_MAX_LANES else "chunked"

@@ -21,18 +21,18 @@ a -> a-1 turns the last entry equal to a, at position ``#{count >= a} - 1``, int
 applied one after another (leaving row first), so each one sees the counts left by the previous ones;
 within a chunk of slots the earlier slots with the same old count shift those positions by their rank,
 which makes the chunk one vectorised step. The counts of all E experts must share a program, so E is
-limited to ``MAX_COVERAGE_EXPERTS``; larger E (long model-level streams) must use the CPU backend.
+limited to ``MAX_COVERAGE_EXPERTS`` (declared in :mod:`lrc_kernels.triton`, whose ``supports`` the dispatcher
+consults); larger E (long model-level streams) runs on the CPU backend.
 
-Inputs are validated by the public API layer (CONTRACT.md): ``topk`` is int32, contiguous, ``[S, T, k]``
-with ids in ``[-1, E)`` and no repeated valid id in a row; ``lengths`` is int64 ``[S]`` with values in
-``[0, T]``, on the same device. All accumulators are int64 (SPEC section 9).
+Inputs are validated by the public API layer (docs/architecture.md, "Backend contract"): ``topk`` is int32,
+contiguous, ``[S, T, k]`` with ids in ``[-1, E)`` and no repeated valid id in a row; ``lengths`` is int64
+``[S]`` with values in ``[0, T]``, on the same device. All accumulators are int64 (SPEC section 9).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-MAX_COVERAGE_EXPERTS = 4096
 _MAX_SRP_EXPERT_LANES = 256
 # register budget per program: state lanes (sequences x experts) and one-hot lanes (x slots in a chunk)
 _MAX_STATE_LANES = 1024
@@ -40,9 +40,21 @@ _MAX_ONE_HOT_LANES = 4096
 
 
 @triton.jit
-def _srp_counts_kernel(topk_ptr, lengths_ptr, counts_ptr, num_sequences, max_tokens, num_slots, num_experts,
-                       seg_len, row_stride, expert_stride, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
+def _srp_counts_kernel(
+    topk_ptr,               # int32 [S, T, k] expert ids, -1 = no expert
+    lengths_ptr,            # int64 [S] valid tokens per sequence
+    counts_ptr,             # int64 out: [S, E, L+1] per expert, or [S, L+1] pooled over experts (zeros)
+    num_sequences,          # S
+    max_tokens,             # T
+    num_slots,              # k
+    num_experts,            # E
+    seg_len,                # window length L
+    row_stride,             # elements between sequences of counts: E * (L+1), or L+1 pooled
+    expert_stride,          # elements between experts of counts: L+1, or 0 pooled
+    BLOCK_S: tl.constexpr,  # sequences per program
+    BLOCK_E: tl.constexpr,  # expert lanes per program (second grid axis: chunks of experts)
+    BLOCK_K: tl.constexpr,  # slots compared per step of a row's one-hot
+):
     sequences = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     sequence_ok = sequences < num_sequences
     sequences = sequences.to(tl.int64)
@@ -113,9 +125,19 @@ def _move_counts(ids, count, top_sums, lanes, slots, DIRECTION: tl.constexpr):
 
 
 @triton.jit
-def _segment_coverage_kernel(topk_ptr, lengths_ptr, coverage_ptr, num_sequences, max_tokens, num_slots,
-                             num_experts, seg_len, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
-                             BLOCK_K: tl.constexpr):
+def _segment_coverage_kernel(
+    topk_ptr,               # int32 [S, T, k] expert ids, -1 = no expert
+    lengths_ptr,            # int64 [S] valid tokens per sequence
+    coverage_ptr,           # int64 [S, E] out (zeros): Σ over windows of the m largest counts, entry m-1
+    num_sequences,          # S
+    max_tokens,             # T
+    num_slots,              # k
+    num_experts,            # E <= MAX_COVERAGE_EXPERTS
+    seg_len,                # window length L
+    BLOCK_S: tl.constexpr,  # sequences per program
+    BLOCK_E: tl.constexpr,  # next_power_of_2(E): every expert of a sequence in one program
+    BLOCK_K: tl.constexpr,  # slots compared per step of a row's one-hot
+):
     sequences = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     sequence_ok = sequences < num_sequences
     sequences = sequences.to(tl.int64)
@@ -229,19 +251,13 @@ def segment_coverage(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int
         topk: int32 ``[S, T, k]``, contiguous, CUDA (or CPU under ``TRITON_INTERPRET=1``); ids in
             ``[-1, num_experts)``, -1 = no expert.
         lengths: int64 ``[S]``, same device; sequence s uses tokens ``0..lengths[s]-1``.
-        num_experts: E, 1 <= E <= ``MAX_COVERAGE_EXPERTS`` (4096).
+        num_experts: E, 1 <= E <= ``MAX_COVERAGE_EXPERTS`` (4096; the dispatcher checks it).
         seg_len: window length L >= 1.
 
     Returns:
         int64 ``[S, E]`` on topk's device: entry ``[s, m-1]`` is the sum over the complete windows of sequence
         s of the m largest expert counts; ``[s, E-1]`` is the number of activations in those windows.
-
-    Raises:
-        ValueError: ``num_experts`` above ``MAX_COVERAGE_EXPERTS``.
     """
-    if num_experts > MAX_COVERAGE_EXPERTS:
-        raise ValueError(f"num_experts: the Triton segment_coverage kernel supports at most "
-                         f"{MAX_COVERAGE_EXPERTS} experts, received {num_experts}; use backend='cpu'")
     num_sequences, max_tokens, num_slots = topk.shape
     coverage = torch.zeros((num_sequences, num_experts), dtype=torch.int64, device=topk.device)
     if num_sequences == 0 or max_tokens < seg_len or num_slots == 0:

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import re
 import shlex
 import shutil
@@ -303,23 +304,38 @@ def doc_commands():
     return commands
 
 
+TORCHRUN = "torchrun --standalone --nproc-per-node 2 -m lrc_kernels.cli "
+
+
+def cli_argv(command):
+    """The lrc-kernels arguments of a docs command (``lrc-kernels ...`` or ``torchrun ... -m lrc_kernels.cli ...``)."""
+    if command.startswith(TORCHRUN):
+        return shlex.split(command[len(TORCHRUN):])
+    argv = shlex.split(command)
+    assert argv[0] == "lrc-kernels", command
+    return argv[1:]
+
+
 def test_docs_show_commands_of_every_kind():
-    programs = {shlex.split(command)[1] for _, command in doc_commands()}
+    programs = {cli_argv(command)[0] for _, command in doc_commands()}
     assert programs == {"analyze", "trace", "demo"}
     assert {name for name, _ in doc_commands()} == set(DOCS_WITH_COMMANDS)
+    assert any(command.startswith(TORCHRUN) for _, command in doc_commands())
 
 
 @pytest.fixture(scope="module")
 def docs_workspace(tmp_path_factory):
-    """A directory with the files the docs' commands name: formats.md's snippet writes the traces."""
+    """A directory with the files the docs' commands name: formats.md's snippets write the traces."""
     directory = tmp_path_factory.mktemp("docs")
-    (block,) = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "formats.md").read_text(), flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "formats.md").read_text(), flags=re.S)
+    assert len(blocks) == 5   # our formats, vLLM, SGLang, SGLang's dump, Megatron-Core
     previous = Path.cwd()
     try:
         import os
 
         os.chdir(directory)
-        exec(compile(block, "docs/formats.md", "exec"), {})
+        for block in blocks:
+            exec(compile(block, "docs/formats.md", "exec"), {})
     finally:
         os.chdir(previous)
     shutil.copyfile(SAMPLE_TEXT, directory / "my_text.txt")
@@ -329,17 +345,30 @@ def docs_workspace(tmp_path_factory):
 
 @pytest.mark.parametrize("doc,command", doc_commands(), ids=lambda value: str(value)[:60])
 def test_doc_command_runs(doc, command, docs_workspace, monkeypatch):
-    argv = shlex.split(command)
-    assert argv[0] == "lrc-kernels"
+    argv = cli_argv(command)
     monkeypatch.chdir(docs_workspace)
-    assert main(argv[1:] + ["--quiet"]) == 0
+    assert main(argv + ["--quiet"]) == 0
     out_dir = docs_workspace / argv[argv.index("--out") + 1] if "--out" in argv else docs_workspace / (
-        "lrc_demo" if argv[1] == "demo" else "lrc_report")
+        "lrc_demo" if argv[0] == "demo" else "lrc_report")
     results = read_results(out_dir)
-    assert results["meta"]["command"] == ("trace" if argv[1] == "trace" else "analyze")
+    assert results["meta"]["command"] == ("trace" if argv[0] == "trace" else "analyze")
     assert all(math.isfinite(entry["srp"]["4"]["best_f1"]) for entry in results["layers"])
-    if argv[1] == "trace":
-        assert results["meta"]["num_experts"] == 16 and results["meta"]["num_sequences"] == 8
+    if argv[0] == "trace":
+        assert results["meta"]["num_experts"] == 16
+        assert results["meta"]["num_sequences"] == (12 if "megatron" in command else 8)
+    if command.startswith(TORCHRUN):
+        # 3 files over 2 gloo ranks: rank 0 reads files 0 and 2, rank 1 file 1; rank 0 writes the report,
+        # which must be the one-process report just written by main() (wall time aside).
+        one = read_results(out_dir)
+        torchrun = [sys.executable, "-m", "torch.distributed.run"] + shlex.split(command)[1:]
+        torchrun[torchrun.index("--out") + 1] += "-ranks"
+        environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(torchrun + ["--quiet"], capture_output=True, text=True, timeout=600, env=environment)
+        assert done.returncode == 0, done.stderr[-3000:]
+        two = read_results(docs_workspace / (argv[argv.index("--out") + 1] + "-ranks"))
+        for report in (one, two):
+            del report["meta"]["seconds"]
+        assert two == one
 
 
 def test_quickstart_python_snippet_runs():

@@ -1,12 +1,8 @@
 """``lrc-kernels trace`` on engine dumps: the report equals lrc_kernels.analyze on the source routing, many files
-sum, torchrun gives the one-process results.json, and every malformed input is one line naming file, line/record
-and field."""
+sum, and every malformed input is one line naming file, line/record and field (torchrun: the docs command in
+tests/test_cli.py)."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +15,6 @@ from lrc_kernels.cli.main import main
 from engine_dumps import (npy_base64, random_rows, write_megatron, write_sglang, write_sglang_dump, write_vllm,
                           write_vllm_021)
 
-ROOT = Path(__file__).resolve().parents[1]
 L, K, E = 3, 2, 8
 SEG_LENS, B = (2, 5), 20
 REPORT = ["--seg-lens", *map(str, SEG_LENS), "--num-bootstrap", str(B), "--no-plots", "--quiet"]
@@ -121,23 +116,6 @@ def test_trace_file_saved_by_routing_trace_needs_no_num_experts(tmp_path, rng):
     trace = source_trace(random_rows(rng, [5, 7], L, K, E), [2, 3])
     trace.save(tmp_path / "t.safetensors")
     assert_same_numbers(run_trace(tmp_path, tmp_path / "t.safetensors"), expected_report(trace))
-
-
-def test_torchrun_two_gloo_ranks_write_the_one_process_results(tmp_path, rng):
-    for index in range(3):   # 3 files over 2 ranks: rank 0 reads files 0 and 2, rank 1 file 1
-        write_vllm(tmp_path / f"part{index}.jsonl", [(2 + index, random_rows(rng, [6, 4 + index], L, K, E))])
-    files = [str(tmp_path / f"part{index}.jsonl") for index in range(3)]
-    one = run_trace(tmp_path, *files, "--num-experts", E, out="one")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "lrc_kernels.cli", "trace", *files, "--num-experts", str(E), "--out", str(tmp_path / "two"),
-               *REPORT]
-    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
-    assert done.returncode == 0, done.stderr[-3000:]
-    two = json.loads((tmp_path / "two" / "results.json").read_text())
-    for results in (one, two):
-        del results["meta"]["seconds"]   # wall time, the only number not computed from the routing
-    assert two == one and two["meta"]["num_sequences"] == 6
 
 
 def _bad_files(directory, rng):

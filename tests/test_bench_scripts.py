@@ -90,3 +90,12 @@ def test_bench_common_generators_timer_and_table(capsys):
     table.print_header()
     table.print_row("lru", "1.5ms", suffix="  note")
     assert capsys.readouterr().out == "policy    api\nlru     1.5ms  note\n"
+
+
+def test_bench_read_vllm_small_run_reads_the_whole_dump():
+    # The script asserts that the trace holds every response's tokens before timing.
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_read_vllm.py"), "--size-mb", "0.2",
+                             "--tokens", "64", "--layers", "4", "--repeats", "1"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert re.search(r"^reader / baseline time: \d+\.\d\dx$", result.stdout, flags=re.M), result.stdout

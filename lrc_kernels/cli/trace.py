@@ -129,7 +129,7 @@ def run(args) -> Optional[dict]:
     if rank != 0:
         return None
     results = report(statistics, num_bootstrap=args.num_bootstrap, confidence=args.confidence, seed=args.seed)
-    results["meta"].update({"command": "trace", "files": [str(path) for path in files], "format": args.format,
+    results["meta"].update({"command": "trace", "files": [str(path) for path in files],
                             "title": files[0].name if len(files) == 1 else f"{len(files)} files"})
     if len(files) > 1:
         results["meta"]["source"] = [str(path) for path in files]

@@ -216,11 +216,13 @@ def assemble(sequences: Sequences, layer_numbers: Sequence[int], options: ReadOp
     lengths = np.array([row.shape[0] for row in rows], dtype=np.int64)
     check_size((len(keep), len(rows), int(lengths.max(initial=0)), num_slots), source,
                "[layers, S, T, k]", bytes_per_item=4)
-    topk = np.full((len(keep), len(rows), int(lengths.max(initial=0)), num_slots), -1, dtype=np.int32)
+    # Every entry is written once (rows, then -1 past each row's end): np.full first would write it twice.
+    topk = np.empty((len(keep), len(rows), int(lengths.max(initial=0)), num_slots), dtype=np.int32)
     full = len(keep) == len(layer_numbers)
     for s, row in enumerate(rows):
         # One strided copy per sequence: [T_s, layers, k] -> [layers, T_s, k].
         topk[:, s, : row.shape[0]] = (row if full else row[:, keep]).transpose(1, 0, 2)
+        topk[:, s, row.shape[0]:] = -1
     kept_numbers = [layer_numbers[index] for index in keep]
     zero_layers = _warn_constant_zero(topk, kept_numbers, source)
     phase = None

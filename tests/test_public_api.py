@@ -9,16 +9,14 @@ import lrc_kernels.hf
 
 # Pinned on purpose: removing or renaming a public name must fail here, not in a user's code (new names may
 # be added to __all__ without touching this list).
-TOP_LEVEL = [
-    "CacheCurve", "ExpertSize", "RoutingMonitor", "RoutingTrace", "SRPScore", "SplitCost", "Statistics",
-    "allocate_cache", "analyze", "basic_interval", "best_hits_by_budget", "bootstrap_indices", "cache_curve",
-    "cache_hits", "cache_knee", "cache_regret", "cache_size_for", "collect_statistics", "concat_layers",
-    "coverage_ratio", "expert_size", "get_num_threads", "poisson_weights", "resample_weights",
-    "segment_coverage", "set_num_threads", "slots_for_gib", "split_cost", "split_hits", "srp", "srp_counts",
-    "srp_positionwise", "srp_score", "topk_from_logits", "uniform_split",
-]
-HF = ["LRCCallback", "RouterSite", "RoutingMonitor", "RoutingRecorder", "RoutingTap", "find_routers",
-      "require_transformers"]
+TOP_LEVEL = """
+    CacheCurve ExpertSize RoutingMonitor RoutingTrace SRPScore SplitCost Statistics allocate_cache analyze
+    basic_interval best_hits_by_budget bootstrap_indices cache_curve cache_hits cache_knee cache_regret
+    cache_size_for collect_statistics concat_layers coverage_ratio expert_size get_num_threads poisson_weights
+    resample_weights segment_coverage set_num_threads slots_for_gib split_cost split_hits srp srp_counts
+    srp_positionwise srp_score topk_from_logits uniform_split
+""".split()
+HF = "LRCCallback RouterSite RoutingMonitor RoutingRecorder RoutingTap find_routers require_transformers".split()
 # (module, name) pairs that code written against earlier layouts imports directly
 MODULE_PATHS = [
     ("lrc_kernels.hf.monitor", "RoutingMonitor"), ("lrc_kernels.monitor", "RoutingMonitor"),

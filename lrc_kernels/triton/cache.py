@@ -198,17 +198,18 @@ def _cache_depth_chunked_kernel(
     slot_of_ptr,                 # int32 [S, E] scratch: expert -> stack slot, all -1 on entry
     lookahead_ptr,               # int64 [S, E] scratch (sch; [1] otherwise): look-ahead uses F, zeros on entry
     at_depth_ptr,                # int64 [S, E] out: references found at each stack depth
-    max_tokens,                  # T
-    num_slots,                   # k
-    num_experts,                 # E (n * E for a model-level stream)
-    seg_len,                     # SCH look-ahead L (0 for other policies)
-    log_b,                       # log2(B): B exceeds every time and next-use value
-    POLICY: tl.constexpr,        # _LRU, _LFU, _SCH or _BELADY
-    TOKEN_LOOKUP: tl.constexpr,  # classify a row against the stack at token start (else sequentially)
-    FREE_SLOT_HITS: tl.constexpr,  # a first reference counts at depth |P| (+ earlier first refs of its row)
-    K_PAD: tl.constexpr,         # next_power_of_2(k)
-    E_PAD: tl.constexpr,         # next_power_of_2(E): stack slots per sequence
-    LOG_E_PAD: tl.constexpr,     # log2(E_PAD): expert-id bits of a packed stack value
+    # the scalars and flags below mean what they mean in _cache_depth_register_kernel
+    max_tokens,
+    num_slots,
+    num_experts,
+    seg_len,
+    log_b,
+    POLICY: tl.constexpr,
+    TOKEN_LOOKUP: tl.constexpr,
+    FREE_SLOT_HITS: tl.constexpr,
+    K_PAD: tl.constexpr,
+    E_PAD: tl.constexpr,
+    LOG_E_PAD: tl.constexpr,
     CHUNK: tl.constexpr,         # stack lanes per scan (power of two, <= E_PAD)
 ):
     # Scratch (per sequence): stack [E_PAD] int64 all _EMPTY_SLOT, slot_of [E] int32 all -1 (expert -> stack

@@ -234,3 +234,39 @@ def test_default_summary_key_count_does_not_grow_with_layers():
         routing = [torch.rand(2, 300, 16, generator=generator).argsort(-1)[..., :2] for _ in range(num_layers)]
         monitor.update(routing)
         assert len(monitor.summary()) == 4 * 2 + 7 * 3 * 2
+
+
+@pytest.mark.parametrize("monitor_kwargs, library_call", [
+    ({"num_bootstrap": 1.5}, lambda: lk.srp(torch.zeros(1, 4, 1, dtype=torch.long), 4, 2, num_bootstrap=1.5)),
+    ({"num_bootstrap": -1}, lambda: lk.srp(torch.zeros(1, 4, 1, dtype=torch.long), 4, 2, num_bootstrap=-1)),
+    ({"num_bootstrap": 19}, lambda: lk.srp(torch.zeros(1, 4, 1, dtype=torch.long), 4, 2, num_bootstrap=19)),
+    ({"confidence": 1.5}, lambda: lk.srp(torch.zeros(1, 4, 1, dtype=torch.long), 4, 2, confidence=1.5)),
+    ({"lookup": "row"}, lambda: lk.cache_hits(torch.zeros(1, 4, 1, dtype=torch.long), 4, "lru", lookup="row")),
+    ({"free_slot_hits": 1}, lambda: lk.cache_hits(torch.zeros(1, 4, 1, dtype=torch.long), 4, "lru",
+                                                  free_slot_hits=1)),
+    ({"backend": "gpu"}, lambda: lk.srp_counts(torch.zeros(1, 4, 1, dtype=torch.long), 4, 2, backend="gpu")),
+    ({"seg_lens": (2, 2.5)}, lambda: lk.srp_counts(torch.zeros(1, 4, 1, dtype=torch.long), 4, 2.5)),
+], ids=["B-float", "B-negative", "B-too-few", "confidence", "lookup", "free_slot_hits", "backend", "seg_len"])
+def test_constructor_errors_are_the_library_errors(monitor_kwargs, library_call):
+    """The monitor reuses the library's checks, so an argument fails as in the function it feeds."""
+    with pytest.raises((TypeError, ValueError)) as expected:
+        library_call()
+    with pytest.raises(expected.type) as received:
+        RoutingMonitor(**monitor_kwargs)
+    if "seg_lens" in monitor_kwargs:  # the same check under the monitor's argument name
+        assert str(received.value) == str(expected.value).replace("seg_len:", "seg_lens:")
+    else:
+        assert str(received.value) == str(expected.value)
+
+
+def test_one_state_table_drives_checkpoints_and_sync():
+    monitor = _monitor(num_bootstrap=20)
+    monitor.update(*_batches()[0])
+    keys = [state.key for state in monitor._table]
+    assert list(monitor.state_dict()["state"]) == keys
+    assert {key for key in keys if not key.endswith("/boot")} == \
+        {"references", *(f"srp@{L}" for L in SEG_LENS), *(f"hits/{name}" for name in monitor.cache_names),
+         *(f"model_hits/{name}" for name in monitor.cache_names)}
+    assert all(f"{key}/boot" in keys for key in keys if not key.endswith("/boot"))
+    with monitor.synced():  # without a process group: the same numbers, from the same table
+        assert list(monitor._state) == keys

@@ -199,3 +199,51 @@ def moe_families() -> tuple[str, ...]:
                 and not getattr(CONFIG_MAPPING[model_type], "sub_configs", None):
             families.append(model_type)
     return tuple(sorted(families))
+
+
+def routing_kinds(family: str, model: torch.nn.Module) -> str:
+    """The routing kinds of a family, read from its default config and its tiny model's router and block code.
+
+    softmax top-k unless one of: hash (a HashRouter module), capacity-dropped (``expert_capacity``), group-
+    limited (more than one expert group), bias-corrected (a per-expert bias in the router), sigmoid,
+    sparsemixer, skip/zero-compute (zero experts or a router skip class). A heuristic over source text, used
+    to label docs/monitoring.md's table; the capture check itself does not depend on it.
+    """
+    from transformers import CONFIG_MAPPING
+
+    defaults = CONFIG_MAPPING[VARIANTS.get(family, (family, {}))[0]]().to_dict()
+    modules = dict(model.named_modules())
+    routers = [(name, module) for name, module in modules.items() if declares_router_logits(type(module))
+               or type(module).__name__.endswith(("Router", "Gate", "Gating"))]
+    source = ""
+    for name, module in routers:
+        for owner in (module, modules.get(name.rpartition(".")[0])):
+            try:
+                source += inspect.getsource(type(owner))
+            except (TypeError, OSError):
+                pass
+    kinds = []
+    if any("HashRouter" in type(module).__name__ for module in modules.values()):
+        kinds.append("hash")
+    if defaults.get("expert_capacity"):
+        kinds.append("capacity-dropped")
+    if max(defaults.get("n_group") or 1, defaults.get("num_expert_group") or 1) > 1:
+        kinds.append("group-limited")
+    if re.search(r"e_score_correction_bias|expert_bias", source):
+        kinds.append("bias-corrected")
+    if "sparsemixer" in source:
+        kinds.append("sparsemixer")
+    elif re.search(r"^(?!.*shared_expert).*sigmoid", source, re.M):  # not the shared expert's sigmoid gate
+        kinds.append("sigmoid")
+    if defaults.get("zero_expert_num") or re.search(r"skip", source, re.I) and "Zaya" in source:
+        kinds.append("skip/zero-compute")
+    return ", ".join(kinds) or "softmax top-k"
+
+
+if __name__ == "__main__":  # prints docs/monitoring.md's family table
+    from test_hf_families import REFUSED
+
+    print("| model_type | routing | capture |\n|---|---|---|")
+    for name in moe_families() + tuple(VARIANTS):
+        capture = "refused" if name in REFUSED else "exact"
+        print(f"| `{name}` | {routing_kinds(name, build_family_model(name))} | {capture} |")

@@ -12,6 +12,7 @@ The recorder's per-token set of expert ids must equal that set for every token o
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ import torch
 pytest.importorskip("transformers")
 
 from hf_families import (NUM_EXPERTS, VARIANTS, build_family_model, declares_router_logits,  # noqa: E402
-                         moe_families)
+                         moe_families, routing_kinds)
 
 from lrc_kernels.hf import RoutingRecorder  # noqa: E402
 
@@ -31,6 +32,18 @@ REFUSED = {
 }
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "monitoring.md"
+# docs/monitoring.md's family table: | `model_type` | routing kinds | capture |
+_ROW = re.compile(r"^\| `([^`]+)` \| ([^|]+) \| ([^|]+) \|$", re.M)
+
+
+def _doc_rows():
+    return {family: (kinds.strip(), capture.strip()) for family, kinds, capture in _ROW.findall(DOC.read_text())}
+
+
+def test_docs_family_table_lists_exactly_the_enumerated_families():
+    assert sorted(_doc_rows()) == sorted(moe_families() + tuple(VARIANTS))
 
 
 def _inputs(model, model_type):
@@ -136,6 +149,9 @@ def test_capture_equals_the_experts_that_really_ran(model_type):
     truth = perturbation_truth(model, inputs)
     assert truth, f"{model_type}: no routed experts found"
 
+    capture = "refused" if model_type in REFUSED else "exact"
+    assert _doc_rows().get(model_type) == (routing_kinds(model_type, model), capture), \
+        f"docs/monitoring.md's row of {model_type} is stale: regenerate it with python tests/hf_families.py"
     if model_type in REFUSED:
         with pytest.raises(ValueError, match=REFUSED[model_type]):
             RoutingRecorder(model)

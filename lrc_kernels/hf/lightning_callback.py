@@ -1,7 +1,7 @@
 """Routing-consistency monitoring for PyTorch Lightning: :class:`LRCLightningCallback`.
 
-Needs ``lightning`` (or the older ``pytorch_lightning``) besides transformers. The test suite runs without
-Lightning: it drives these hooks with stand-ins for Lightning's ``Callback``, trainer and module.
+Needs ``lightning`` (or the older ``pytorch_lightning``) besides transformers. Tested inside a real
+``lightning.Trainer`` (tests/test_trainer_integrations.py).
 """
 
 from __future__ import annotations

@@ -121,7 +121,7 @@ def allocate_cache(hits: HitCurves, total_slots: int, *, min_slots: int = 0) -> 
         min_slots: the fewest slots of any layer (each layer's ``m_i >= min_slots``, at most its E).
 
     Returns:
-        int64 ``[n_layers]`` sizes ``m_i`` in ``[min_slots, E_i]`` with ``Σ m_i <= total_slots``.
+        int64 CPU ``[n_layers]`` sizes ``m_i`` in ``[min_slots, E_i]`` with ``Σ m_i <= total_slots``.
 
     Example:
         >>> hits = torch.tensor([[5, 6, 6, 6], [1, 2, 8, 9]])

@@ -125,6 +125,18 @@ def test_cache_knee_matches_the_chord_rule_by_exact_scan_and_is_scale_free(layer
     assert lk.cache_knee([h * scale for h in hits]).tolist() == expected
 
 
+@given(layer=curves.filter(lambda layer: len(layer) >= 2), stretch=st.integers(2, 4))
+def test_cache_knee_scales_with_the_size_axis(layer, stretch):
+    """Stretch m by c (linear in between, hits times c): the knee moves to c times the knee (m / E is kept)."""
+    stretched = []
+    previous = 0
+    for value in layer:
+        stretched += [stretch * previous + step * (value - previous) for step in range(1, stretch + 1)]
+        previous = value
+    knee = lk.cache_knee(torch.tensor(layer)).item()
+    assert lk.cache_knee(torch.tensor(stretched)).item() == (stretch * knee if knee > 0 else -1)
+
+
 def test_cache_knee_of_uniform_routing_is_minus_one_and_of_a_concave_curve_its_bend():
     assert lk.cache_knee(torch.arange(1, 9) * 10).item() == -1                   # a straight line: no knee
     # gaps to the chord 10·m: 5, 8, 9, 8, 5, 3, 1, 0 -> largest at m = 3

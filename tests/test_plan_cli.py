@@ -123,9 +123,10 @@ def test_plan_command_replans_a_saved_report(traced, tmp_path, capsys):
 
 def test_plan_errors_are_one_line_naming_the_option(traced, tmp_path, capsys):
     _, _, out, results = traced
-    stale = dict(results, layers=[{**entry, "cache": {key: {name: value for name, value in curve.items()
-                                                             if name != "hits"} for key, curve in entry["cache"].items()}}
-                                  for entry in results["layers"]])
+    stale = json.loads(json.dumps(results))           # a report written before curves carried their hits
+    for entry in stale["layers"]:
+        for curve in entry["cache"].values():
+            del curve["hits"]
     (tmp_path / "stale.json").write_text(json.dumps(stale))
     (tmp_path / "bad.json").write_text("{")
     (tmp_path / "llama.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
@@ -138,7 +139,9 @@ def test_plan_errors_are_one_line_naming_the_option(traced, tmp_path, capsys):
         (["plan", str(tmp_path / "bad.json")], "bad.json: cannot read a results.json"),
         (["plan", str(tmp_path / "llama.json")], "expected a results.json of lrc-kernels"),
         (["plan", str(tmp_path / "stale.json")], "has no integer 'hits' and 'references'"),
-        (["plan", str(tmp_path / "unsized.json"), "--cache-gib", "1"], "--cache-gib: a budget of 1.0 GiB needs the"),
+        (["plan", str(tmp_path / "unsized.json"), "--cache-gib", "1"], "--cache-gib: a budget of 1 GiB needs the"),
+        (["trace", str(out.parent / "t.npz"), "--num-experts", "8", "--cache-gib", "1"],
+         "--cache-gib: a budget of 1 GiB needs the size of one expert; give --expert-bytes or --config"),
         (["plan", saved, "--cache-slots", "2", "--min-slots", "1"], "--cache-slots: expected at least n_layers"),
         (["plan", saved, "--min-slots", "9"], "--min-slots: expected at most the smallest layer's E = 8"),
         (["plan", saved, "--config", str(tmp_path / "llama.json")], "config: model_type 'llama'"),

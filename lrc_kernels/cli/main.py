@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 from lrc_kernels.bootstrap import bootstrap_indices
 from lrc_kernels.plan_bytes import DEFAULT_BANDWIDTH_GBS
 
-from .plan import (add_plan, add_plan_command, add_plan_options, plan_block, run_plan_command,
+from .plan import (add_plan, add_plan_command, add_plan_options, expert_size_for, plan_block, run_plan_command,
                    write_plan_plot)
 from .report import UsageError, summary_table, write_results
 from .trace import add_arguments as add_trace_arguments
@@ -110,18 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_report(trace, args, meta: dict, started: float, model_config=None) -> int:
+def _run_report(trace, args, meta: dict, started: float, expert=(None, None)) -> int:
     from lrc_kernels.analyze import analyze
 
     results = analyze(trace, seg_lens=args.seg_lens, num_bootstrap=args.num_bootstrap,
                       confidence=args.confidence, seed=args.seed, phase=args.phase)
     results["meta"].update(meta)
-    return _write_report(results, args, started, model_config)
+    return _write_report(results, args, started, expert)
 
 
-def _write_report(results: dict, args, started: float, model_config=None) -> int:
+def _write_report(results: dict, args, started: float, expert=(None, None)) -> int:
     results["meta"]["seconds"] = round(time.perf_counter() - started, 2)
-    add_plan(results, args, model_config)
+    add_plan(results, args, expert)
     top_k, title = results["meta"]["top_k"], results["meta"].get("title", "")
     paths = write_results(results, args.out)
     if not args.no_plots:
@@ -143,6 +143,7 @@ def _analyze(args, started: float) -> int:
     if not args.text.is_file():
         raise UsageError(f"{args.text}: no such file")
     model, tokenizer = load_model(model_dir, args.device)
+    expert = expert_size_for(args, model.config)
     input_ids = tokenize_text(tokenizer, args.text, args.seq_len, args.max_tokens)
     if args.generate:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -158,7 +159,7 @@ def _analyze(args, started: float) -> int:
         args.save_trace.parent.mkdir(parents=True, exist_ok=True)
         trace.save(args.save_trace)
         meta["saved_trace"] = str(args.save_trace)
-    return _run_report(trace, args, meta, started, model.config)
+    return _run_report(trace, args, meta, started, expert)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -188,10 +189,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             bootstrap_indices(args.num_bootstrap, args.confidence)
         if args.command == "analyze":
             return _analyze(args, started)
+        expert = expert_size_for(args, args.model_config)
         from .trace import run
 
         results = run(args)
-        return 0 if results is None else _write_report(results, args, started, args.model_config)
+        return 0 if results is None else _write_report(results, args, started, expert)
     except (UsageError, ValueError, TypeError, OSError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"{PROG}: error: {message}", file=sys.stderr)

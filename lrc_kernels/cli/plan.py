@@ -58,27 +58,33 @@ def add_plan_options(parser: argparse.ArgumentParser, *, config_option: bool = T
                        help="fewest cache slots of any layer (default: %(default)s)")
 
 
-def _expert_size(args, model_config=None, saved: Optional[dict] = None) -> tuple[Optional[int], Optional[str]]:
-    """(bytes, how they were found): --expert-bytes, --config, the model's config, a saved plan, or unknown."""
+def expert_size_for(args, model_config=None, saved: Optional[dict] = None) -> tuple[Optional[int], Optional[str]]:
+    """(bytes, how they were found) of one expert: --expert-bytes, --config, the model's config, a saved plan.
+
+    Called before any routing is analysed, so that a GiB budget without an expert size fails at once.
+    """
     if args.expert_bytes is not None:
         return args.expert_bytes, "--expert-bytes"
-    config = getattr(args, "config", None) or model_config
-    if config is not None:
+    config_file = getattr(args, "config", None)
+    if config_file is not None or model_config is not None:
         try:
-            size = expert_size(config)
+            size = expert_size(config_file if config_file is not None else model_config)
         except ValueError:
-            if args.cache_gib is not None or getattr(args, "config", None) is not None:
+            if args.cache_gib is not None or config_file is not None:
                 raise
             return None, None  # a model of a family without a size rule: plan in slots only
         return size.bytes, size.rule
     if saved and saved.get("expert_bytes") is not None:
         return saved["expert_bytes"], saved.get("expert_size_rule")
+    if args.cache_gib is not None:
+        raise UsageError(f"--cache-gib: a budget of {args.cache_gib:g} GiB needs the size of one expert; give "
+                         "--expert-bytes or --config")
     return None, None
 
 
-def add_plan(results: dict, args, model_config=None, saved: Optional[dict] = None) -> dict:
-    """Set ``results["plan"]`` from the command-line options; return it."""
-    expert_bytes, rule = _expert_size(args, model_config, saved)
+def add_plan(results: dict, args, expert: tuple[Optional[int], Optional[str]]) -> dict:
+    """Set ``results["plan"]`` from the command-line options and ``expert`` (:func:`expert_size_for`)."""
+    expert_bytes, rule = expert
     try:
         results["plan"] = plan_section(results, total_slots=args.cache_slots, cache_gib=args.cache_gib,
                                        expert_bytes=expert_bytes, expert_rule=rule, min_slots=args.min_slots,
@@ -188,7 +194,7 @@ def run_plan_command(args) -> int:
     if not isinstance(results, dict) or not {"layers", "model", "meta"} <= set(results) or not results["layers"]:
         raise UsageError(f"{args.results}: expected a results.json of lrc-kernels analyze/trace/demo "
                          "(with 'layers', 'model' and 'meta')")
-    add_plan(results, args, saved=results.get("plan"))
+    add_plan(results, args, expert_size_for(args, saved=results.get("plan")))
     paths = write_plan(results, args.out, results["meta"].get("title", ""), plots=not args.no_plots)
     if not args.quiet:
         print(plan_block(results["plan"]))

@@ -60,7 +60,8 @@ class _RouterWitness:
         for handle in self._handles:
             handle.remove()
 
-    def monitor_over(self, batches, **kwargs):
+    @staticmethod
+    def monitor_over(batches, **kwargs):
         names = [f"model.layers.{q}.mlp.gate" for q in range(NUM_LAYERS)]
         monitor = RoutingMonitor(num_experts=NUM_EXPERTS, layer_names=names, **kwargs)
         for layers, lengths in batches:

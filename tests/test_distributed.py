@@ -1,4 +1,11 @@
-"""RoutingMonitor.sync over 2 gloo processes equals one process's monitor over the union of their batches."""
+"""RoutingMonitor.sync over 2 gloo processes, and the HF Trainer under torchrun with 2 gloo processes, equal one
+process's monitor over the union of their batches."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -111,3 +118,32 @@ def test_synced_monitors_equal_one_monitor_on_the_union(tmp_path):
     assert not torch.equal(tap_parts[0]["state"]["srp@4"], tap_parts[1]["state"]["srp@4"])
     for result in results:
         assert result["tap_summary"] == expected
+
+
+def test_hf_trainer_under_torchrun_logs_one_monitor_over_the_union_of_the_ranks_batches(tmp_path):
+    """`torchrun --nproc-per-node 2` of the HF Trainer with LRCCallback on CPU (gloo): every rank logs the values
+    of one RoutingMonitor fed both ranks' batches of the window, exactly."""
+    from test_callbacks import MONITOR_ARGS, _RouterWitness
+
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests)]), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+               str(tests / "ddp_trainer_script.py"), str(tmp_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
+
+    # 4 optimizer steps of one forward per rank; the ranks' samplers gave them different sequences.
+    assert [len(rank["batches"]) for rank in ranks] == [4, 4]
+    assert not torch.equal(ranks[0]["batches"][0][1], ranks[1]["batches"][0][1])
+    step_logs = [[entry for entry in rank["log_history"] if "loss" in entry] for rank in ranks]
+    assert [[entry["step"] for entry in logs] for logs in step_logs] == [[2, 4], [2, 4]]
+    for window in range(2):
+        union = [batch for rank in ranks for batch in rank["batches"][2 * window:2 * window + 2]]
+        expected = _RouterWitness.monitor_over(union, **MONITOR_ARGS).summary()
+        assert "lrc/srp@4" in expected
+        for logs in step_logs:
+            logged = {key: value for key, value in logs[window].items() if key.startswith("lrc/")}
+            assert set(logged) == set(expected)
+            assert all(logged[key] == expected[key] or (math.isnan(logged[key]) and math.isnan(expected[key]))
+                       for key in expected), (window, logged, expected)

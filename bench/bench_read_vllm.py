@@ -21,13 +21,14 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
 
+from _common import best_of  # noqa: E402
 from lrc_kernels.io import ReadOptions, read_trace  # noqa: E402
 
 
@@ -61,16 +62,6 @@ def baseline(path):
                 base64.b64decode(choice["routed_experts"])
 
 
-def best_seconds(run, repeats):
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=float, default=100.0)
@@ -87,8 +78,8 @@ def main(argv=None):
         options = ReadOptions(num_experts=args.experts)
         trace = read_trace(path, "vllm", options)
         assert trace.num_sequences == lines and trace.num_tokens == lines * args.tokens
-        plain = best_seconds(lambda: baseline(path), args.repeats)
-        reader = best_seconds(lambda: read_trace(path, "vllm", options), args.repeats)
+        _, plain = best_of(lambda: baseline(path), args.repeats, warmup=1)
+        _, reader = best_of(lambda: read_trace(path, "vllm", options), args.repeats, warmup=1)
     megabytes = size / 1e6
     print(f"dump: {megabytes:.1f} MB, {lines} responses of {args.tokens} tokens x {args.layers} layers x "
           f"top-{args.top_k} (uint8 .npy, base64); minimum of {args.repeats} runs; load average "

@@ -3,6 +3,10 @@ sum, and every malformed input is one line naming file, line/record and field (t
 tests/test_cli.py)."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +19,7 @@ from lrc_kernels.cli.main import main
 from engine_dumps import (npy_base64, random_rows, write_megatron, write_sglang, write_sglang_dump, write_vllm,
                           write_vllm_021)
 
+ROOT = Path(__file__).resolve().parents[1]
 L, K, E = 3, 2, 8
 SEG_LENS, B = (2, 5), 20
 REPORT = ["--seg-lens", *map(str, SEG_LENS), "--num-bootstrap", str(B), "--no-plots", "--quiet"]
@@ -178,3 +183,21 @@ def test_malformed_engine_inputs_give_one_line_naming_file_record_and_field(tmp_
         assert captured.out == "" and captured.err.count("\n") == 1, captured.err
         assert captured.err.startswith("lrc-kernels: error: ") and message in captured.err, (message, captured.err)
     assert not (tmp_path / "out").exists()
+
+
+def test_torchrun_rank_with_a_file_that_does_not_fit_fails_every_rank_with_one_line(tmp_path, rng):
+    """Rank 1 reads a file with other layers: no rank may wait in the reduction, rank 0 prints one line."""
+    write_vllm(tmp_path / "a.jsonl", [(2, random_rows(rng, [5], L, K, E))])
+    write_vllm(tmp_path / "b.jsonl", [(2, random_rows(rng, [5], L + 1, K, E))])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "lrc_kernels.cli", "trace", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"),
+               "--num-experts", str(E), "--out", str(tmp_path / "out"), *REPORT]
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("lrc-kernels: error: ")]
+    assert errors == [f"lrc-kernels: error: {tmp_path / 'b.jsonl'}: does not fit the files before it: "
+                      "Statistics.layer_names: expected equal values to add statistics, received "
+                      "('layer 0', 'layer 1', 'layer 2') and ('layer 0', 'layer 1', 'layer 2', 'layer 3')"], done.stderr
+    # torchrun itself reports the failed ranks (with its launcher's traceback); none comes from lrc_kernels.
+    assert "lrc_kernels/" not in done.stderr and not (tmp_path / "out").exists()

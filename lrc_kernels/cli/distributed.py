@@ -84,13 +84,14 @@ def _rebuild(template: Statistics, values: Iterator[torch.Tensor], num_sequences
     return node(template)
 
 
-def all_reduce_statistics(parts: List[Tuple[int, Statistics]], num_files: int) -> Statistics:
-    """The statistics of all files in file order, on every rank, from each rank's ``(file index, statistics)``.
+def all_reduce_statistics(parts: List[Tuple[int, Statistics]], files: List[str]) -> Statistics:
+    """The statistics of all ``files`` in file order, on every rank, from each rank's ``(file index, statistics)``.
 
-    Rank 0 holds file 0, whose statistics give the structure (layers, L, policies, meta) every rank fills."""
+    Rank 0 holds file 0, whose statistics give the structure (layers, L, policies, meta) every rank fills; a
+    file that does not fit it fails every rank with one message (before any rank waits in the reduction)."""
     import torch.distributed as dist
 
-    counts = torch.zeros(num_files, dtype=torch.int64)
+    counts = torch.zeros(len(files), dtype=torch.int64)
     for index, statistics in parts:
         counts[index] = statistics.num_sequences
     dist.all_reduce(counts)
@@ -103,11 +104,20 @@ def all_reduce_statistics(parts: List[Tuple[int, Statistics]], num_files: int) -
                                           for value, kind in _numbers(first)]), 0)
     dist.broadcast_object_list(shared, src=0)
     template = shared[0]
+    mismatch = None
+    for index, statistics in parts:
+        try:
+            template + statistics   # the checks of adding them in one process (layers, E, k, L, policies)
+        except ValueError as error:
+            mismatch = f"{files[index]}: does not fit the files before it: {error}"
+            break
+    mismatch = first_error(mismatch)
+    if mismatch is not None:
+        raise ValueError(mismatch)
     layout = list(_numbers(template))
     totals = [torch.zeros((total,) + tuple(value.shape[1:]), dtype=torch.int64) if kind == ROWS
               else torch.zeros(value.shape, dtype=torch.int64) for value, kind in layout]
     for index, statistics in parts:
-        template + statistics   # the same checks as adding them in one process (layers, E, L, policies)
         for total_value, (value, kind) in zip(totals, _numbers(statistics)):
             if kind == ROWS:
                 total_value[offsets[index]: offsets[index] + value.shape[0]] = value

@@ -17,7 +17,7 @@ from lrc_kernels.plan_bytes import DEFAULT_BANDWIDTH_GBS
 from .plan import (add_plan, add_plan_command, add_plan_options, expert_size_for, plan_block, run_plan_command,
                    write_plan_plot)
 from .report import UsageError, summary_table, write_results
-from .trace import add_arguments as add_trace_arguments
+from .trace import ReportedByRankZero, add_arguments as add_trace_arguments
 
 PROG = "lrc-kernels"
 DEFAULT_SEG_LENS = (4, 16, 64)
@@ -195,6 +195,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results = run(args)
         return 0 if results is None else _write_report(results, args, started, expert)
     except (UsageError, ValueError, TypeError, OSError) as error:
+        if isinstance(error, ReportedByRankZero):
+            return 1
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 1

@@ -9,10 +9,8 @@ import csv
 import json
 import math
 import pathlib
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from typing import Optional
-
-import torch
 
 from lrc_kernels.analyze import CURVE_FIELDS
 from lrc_kernels.srp import SRPScore
@@ -22,25 +20,6 @@ SRP_FIELDS = tuple(f.name for f in fields(SRPScore))
 
 class UsageError(ValueError):
     """A problem with the user's input (file, option, data); the command line prints it as one line."""
-
-
-@dataclass
-class Routing:
-    """Recorded routing of one stack of MoE layers.
-
-    Attributes:
-        topk: int64 ``[n_layers, S, T, k]`` expert ids in processing order, ``-1`` = no expert.
-        num_experts: E, routed experts of every layer.
-        layers: the layer number of each entry of the first axis (as the model or the trace numbers them).
-        lengths: int64 ``[S]`` valid tokens of each sequence, or ``None`` when every sequence has T tokens.
-        names: a display name per layer (router module path or ``"layer <i>"``).
-    """
-
-    topk: torch.Tensor
-    num_experts: int
-    layers: list
-    lengths: Optional[torch.Tensor] = None
-    names: list = field(default_factory=list)
 
 
 def _nan_to_null(value):

@@ -70,6 +70,10 @@ def _file_statistics(path: pathlib.Path, args, options: ReadOptions):
         raise UsageError(f"{path}: {str(error).splitlines()[0]}")
 
 
+class ReportedByRankZero(UsageError):
+    """A torchrun run's error, already printed by rank 0: every rank exits 1 without repeating it."""
+
+
 def _warn_on_one_line(message, category, filename, lineno, file=None, line=None) -> None:
     prefix = "lrc-kernels: warning" if issubclass(category, TraceReadWarning) else category.__name__
     print(f"{prefix}: {str(message).splitlines()[0]}", file=sys.stderr)
@@ -100,10 +104,19 @@ def collect(args, rank: int = 0, world_size: int = 1):
     if world_size > 1:
         from .distributed import all_reduce_statistics, first_error
 
-        error = first_error(error)
-        if error is not None:
-            raise UsageError(error)
-        return all_reduce_statistics(parts, len(files)), files
+        try:
+            error = first_error(error)
+            if error is None:
+                return all_reduce_statistics(parts, [str(path) for path in files]), files
+        except ValueError as mismatch:
+            error = str(mismatch)
+        # Rank 0 prints before any rank exits: torchrun stops the other ranks when one exits non-zero.
+        if rank == 0:
+            print(f"lrc-kernels: error: {error}", file=sys.stderr, flush=True)
+        import torch.distributed as dist
+
+        dist.barrier()
+        raise ReportedByRankZero(error)
     if error is not None:
         raise UsageError(error)
     total = parts[0][1]

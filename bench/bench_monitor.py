@@ -128,7 +128,7 @@ def print_breakdown(bench: Bench) -> None:
           f"{median_ms(lambda: monitor.update(routing, lengths)):.2f}; validation of the {num_layers} stacked "
           f"layers {median_ms(lambda: check_topk(stacked, num_experts, lengths=lengths.repeat(num_layers))):.2f}")
     print("  SRP histograms: " + ", ".join(
-        f"L={L} {median_ms(lambda: dispatch.run('srp_counts', monitor.backend, ids, stacked_lengths, num_experts, L)):.2f}"
+        f"L={L} {median_ms(lambda: dispatch.run('srp_pooled_counts', monitor.backend, ids, stacked_lengths, num_experts, L)):.2f}"
         for L in monitor.seg_lens))
     for name, policy, seg_len in monitor._cache_specs:
         layer_ms = cache_ms(ids, stacked_lengths, num_experts, policy, seg_len)

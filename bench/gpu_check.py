@@ -17,6 +17,10 @@ is all that layer- and model-level SRP need). Each timing is one call after a wa
 (Triton compiles there) and includes Belady's next-use pass; the goal for the whole table is < 60 s on one
 H200.
 
+Part 3 (CUDA only): bench/bench_paper_scale.py at the same sizes with ``--backend triton``: the whole
+``lrc_kernels.analyze`` report stage by stage (CPU-side scoring included), each metric checked against the
+public calls.
+
 With ``--small``, and always when CUDA is absent, only part 1 runs, at small sizes, under
 ``TRITON_INTERPRET=1`` on the CPU.
 
@@ -122,6 +126,9 @@ def check_correctness(args, device, small):
                 checker.equal(f"{label} srp_counts L={seg_len}",
                               triton_srp.srp_counts(topk, lengths, slots, seg_len),
                               cpu_srp.srp_counts(cpu_topk, cpu_lengths, slots, seg_len))
+                checker.equal(f"{label} srp_pooled_counts L={seg_len}",
+                              triton_srp.srp_pooled_counts(topk, lengths, slots, seg_len),
+                              cpu_srp.srp_pooled_counts(cpu_topk, cpu_lengths, slots, seg_len))
                 if slots <= MAX_COVERAGE_EXPERTS:
                     checker.equal(f"{label} segment_coverage L={seg_len}",
                                   triton_srp.segment_coverage(topk, lengths, slots, seg_len),
@@ -189,16 +196,28 @@ def time_paper_scale(args, device):
         triton_srp.srp_counts(layer_topk[0, :4].contiguous(), lengths[:4], num_experts, seg_len)
 
         def run():
-            # pooled over sequences per layer: [n, E, L+1]; layer and model level pool these further
-            return torch.stack([triton_srp.srp_counts(layer_topk[q], lengths, num_experts, seg_len).sum(0)
+            # pooled over experts in the kernel, per sequence: [n, S, L+1], what layer and model level need
+            return torch.stack([triton_srp.srp_pooled_counts(layer_topk[q], lengths, num_experts, seg_len)
                                 for q in range(n)])
         pooled, seconds = best_of(run, 1, cuda=True)
         windows = n * num_sequences * max(num_tokens - seg_len + 1, 0)
         assert int(pooled.sum()) == windows * num_experts
-        report("srp_counts", "layer", f"L={seg_len}", seconds, references)
+        report("srp_pooled", "layer", f"L={seg_len}", seconds, references)
 
     total = sum(rows)
     print(f"total {total:.1f} s (goal < 60 s)", flush=True)
+
+
+def analyze_paper_scale(args):
+    """Part 3: bench/bench_paper_scale.py (the whole lrc_kernels.analyze report, stage by stage, checked against
+    the public calls and the paper's SRP method) with the Triton backend."""
+    import bench_paper_scale
+
+    print("\npart 3: lrc_kernels.analyze at paper scale, backend triton", flush=True)
+    bench_paper_scale.run(argparse.Namespace(
+        layers=args.layers, experts=args.experts, top_k=args.top_k, sequences=args.sequences, tokens=args.tokens,
+        fraction=1, seg_lens=list(SEG_LENS), bootstrap=200, trace="sticky", seed=0, backend="triton",
+        threads=None, torch_threads=torch.get_num_threads(), breakdown_sequences=64, skip_paper=True))
 
 
 def main():
@@ -214,6 +233,7 @@ def main():
         sys.exit(1)
     if not small:
         time_paper_scale(args, device)
+        analyze_paper_scale(args)
 
 
 if __name__ == "__main__":

@@ -99,3 +99,26 @@ def test_bench_read_vllm_small_run_reads_the_whole_dump():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert re.search(r"^reader / baseline time: \d+\.\d\dx$", result.stdout, flags=re.M), result.stdout
+
+
+def test_bench_srp_paper_small_run_agrees_with_the_paper_method():
+    # The script asserts equal scores, CIs and histograms of ours and the paper's method.
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_srp_paper.py"), "--sequences", "16",
+                             "--tokens", "40", "--experts", "12", "--seg-lens", "4", "16", "--bootstrap", "40",
+                             "--repeats", "1", "--traces", "sticky", "zipf"], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert len(re.findall(r"^(?:sticky|zipf) +srp(?:_counts|, B=40) .* \d+\.\dx .* equal$", result.stdout,
+                          flags=re.M)) == 4, result.stdout
+
+
+def test_bench_paper_scale_small_run_checks_every_stage():
+    # analyze, the public calls and the paper's method must agree (asserted in the script).
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_paper_scale.py"), "--layers", "3",
+                             "--experts", "16", "--sequences", "8", "--tokens", "40", "--fraction", "2",
+                             "--seg-lens", "4", "16", "--bootstrap", "40", "--threads", "2"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    for stage in ("1 trace", "2 layers", "3 model level", "4 report", "belady model", "paper's method"):
+        assert re.search(rf"^{re.escape(stage)}.* \d+\.\d{{3}} +\d+\.\d$", result.stdout, flags=re.M), stage
+    assert "paper / ours:" in result.stdout

@@ -122,3 +122,13 @@ def test_bench_paper_scale_small_run_checks_every_stage():
     for stage in ("1 trace", "2 layers", "3 model level", "4 report", "belady model", "paper's method"):
         assert re.search(rf"^{re.escape(stage)}.* \d+\.\d{{3}} +\d+\.\d$", result.stdout, flags=re.M), stage
     assert "paper / ours:" in result.stdout
+
+
+def test_bench_recorder_decode_small_run_counts_no_host_read():
+    # The script exits non-zero if the recorder adds any host read (item, tolist, bool, ...) during generate().
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_recorder_decode.py"), "--repeats", "1",
+                             "--new-tokens", "2", "--batch-size", "2", "--prompt", "8"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert re.search(r"overhead \(wall\) [+-]\d+\.\d+ % +\(CPU\) [+-]\d+\.\d+ %", result.stdout), result.stdout
+    assert "added by the recorder: 0 = 0.000 per forward pass" in result.stdout

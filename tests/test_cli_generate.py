@@ -27,8 +27,8 @@ def _without_seconds(results):
 
 
 def test_doc_command_prints_the_doc_table_and_saves_the_trace(tmp_path, monkeypatch, capsys):
-    (command,) = [line[2:] for block in re.findall(r"```console\n(.*?)```", TRACES_DOC, flags=re.S)
-                  for line in block.splitlines() if line.startswith("$ ")]
+    command, trace_command = [line[2:] for block in re.findall(r"```console\n(.*?)```", TRACES_DOC, flags=re.S)
+                              for line in block.splitlines() if line.startswith("$ ")]
     (table,) = re.findall(r"```text\n(.*?)```", TRACES_DOC, flags=re.S)
     shutil.copyfile(SAMPLE_TEXT, tmp_path / "my_text.txt")
     monkeypatch.chdir(tmp_path)
@@ -47,8 +47,14 @@ def test_doc_command_prints_the_doc_table_and_saves_the_trace(tmp_path, monkeypa
         assert trace.phase[row, :length].tolist() == [0] * 64 + [1] * (length - 64)
     # The saved trace reports the same numbers from Python (NaN-free here: every row has windows of 16).
     again = lk.analyze(trace, seg_lens=(4, 16), num_bootstrap=200)
-    for key in ("layers", "model", "phases"):
+    for key in ("layers", "model"):
         assert again[key] == results[key]
+    # ... and `lrc-kernels trace` on the file writes the report of the recording.
+    argv = shlex.split(trace_command)
+    assert argv[:2] == ["lrc-kernels", "trace"] and main(argv[1:] + ["--quiet"]) == 0
+    from_file = json.loads((tmp_path / "report-trace" / "results.json").read_text())
+    for key in ("layers", "model", "phases"):
+        assert from_file[key] == results[key]
 
 
 def test_phase_option_reports_the_selected_tokens(tmp_path):

@@ -462,7 +462,8 @@ def test_hooks_never_read_tensor_values(family, device):
                 for key in post._forward_hooks_with_kwargs:
                     post._forward_hooks[key](post, (), {}, output)
                 assert len(rec._captures[site.name]) == 1
-                assert rec._captures[site.name][0][0].shape == (num_tokens, k)
+                captured = rec._captures[site.name][0][0]  # some readers leave their work for after the pass
+                assert (captured() if callable(captured) else captured).shape == (num_tokens, k)
             rec._on_model_return(model, (), object())  # with accumulate=True: keeps the pass, still no sync
             assert len(rec._groups) == accumulate
 

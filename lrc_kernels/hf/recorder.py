@@ -9,8 +9,9 @@ values), so capture never synchronises with the device. The layout work (padding
 
 from __future__ import annotations
 
+import functools
 import inspect
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -29,26 +30,32 @@ def _argument(args: tuple, kwargs: dict, spec: tuple[int, str]) -> torch.Tensor:
     return args[position] if len(args) > position else kwargs[keyword]
 
 
-def _read_experts_args(site: RouterSite, args: tuple, kwargs: dict) -> torch.Tensor:
+def _read_experts_args(site: RouterSite, args: tuple, kwargs: dict) -> Callable[[], torch.Tensor]:
+    """Copies of the call's ids (and weights); the ordering and -1 rules run later, outside the forward pass."""
     indices = _argument(args, kwargs, site.selection_arg).detach()
     if indices.is_floating_point():
         raise RuntimeError(f"{site.name}: expected integer expert ids as argument {site.selection_arg} of "
                            f"{type(site.capture_module).__name__}, received dtype {indices.dtype}")
-    # Ids past the routed experts are zero-compute / skip experts (LongCat-Flash, Gemma-4's skip class): -1.
     indices = indices.reshape(-1, indices.shape[-1])
-    indices = indices.masked_fill(indices >= site.num_experts, -1)
+    weights = None
     if site.order_by_weight or site.zero_weight_is_skip:
         weights = _argument(args, kwargs, site.weight_arg).detach()
         if weights.numel() != indices.numel():
             raise RuntimeError(f"{site.name}: expected routing weights shaped like the ids {tuple(indices.shape)}, "
                                f"received {tuple(weights.shape)}")
-        weights = weights.reshape(indices.shape)
-        if site.zero_weight_is_skip:
-            indices = indices.masked_fill(weights == 0, -1)
-        if site.order_by_weight:
-            order = torch.sort(weights, dim=-1, descending=True, stable=True).indices
-            indices = indices.gather(-1, order)
-    return indices.to(torch.int64, copy=True)
+        weights = weights.reshape(indices.shape).clone()
+    return functools.partial(_experts_args_selection, site, indices.clone(), weights)
+
+
+def _experts_args_selection(site: RouterSite, indices: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    # Ids past the routed experts are zero-compute / skip experts (LongCat-Flash, Gemma-4's skip class): -1.
+    indices = indices.masked_fill(indices >= site.num_experts, -1)
+    if site.zero_weight_is_skip:
+        indices = indices.masked_fill(weights == 0, -1)
+    if site.order_by_weight:
+        order = torch.sort(weights, dim=-1, descending=True, stable=True).indices
+        indices = indices.gather(-1, order)
+    return indices.to(torch.int64)
 
 
 def _read_one_hot_dispatch(site: RouterSite, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -243,10 +250,13 @@ class RoutingRecorder:
                 site.router.register_forward_pre_hook(on_router_call))
 
     def _on_model_call(self, module, args, kwargs) -> None:
-        try:
-            bound = dict(self._forward_signature.bind_partial(*args, **kwargs).arguments)
-        except TypeError:
+        if not args:  # generate() and most callers pass keywords only: no signature binding per step
             bound = dict(kwargs)
+        else:
+            try:
+                bound = dict(self._forward_signature.bind_partial(*args, **kwargs).arguments)
+            except TypeError:
+                bound = dict(kwargs)
         bound.update(bound.pop(self._var_keyword, None) or {})
         inputs = {name: bound.get(name) for name in _FORWARD_INPUT_NAMES}
         batch_size = next((value.shape[0] for value in inputs.values() if isinstance(value, torch.Tensor)
@@ -255,15 +265,14 @@ class RoutingRecorder:
         def copy(value):
             return value.detach().clone() if isinstance(value, torch.Tensor) else value
 
-        if self._is_encoder_decoder:
+        if self._accumulate:  # decoder-only (checked in __init__)
+            self._forward = accumulated_inputs(inputs, batch_size)
+        elif self._is_encoder_decoder:
             masks = {"encoder": copy(inputs["attention_mask"]), "decoder": copy(inputs["decoder_attention_mask"])}
-            position_ids = {"encoder": None, "decoder": None}
+            self._forward = ForwardInputs(batch_size, masks, {"encoder": None, "decoder": None})
         else:
             masks = {"encoder": None, "decoder": copy(inputs["attention_mask"])}
-            position_ids = {"encoder": None, "decoder": copy(inputs["position_ids"])}
-        self._forward = ForwardInputs(batch_size, masks, position_ids)
-        if self._accumulate:
-            self._forward = accumulated_inputs(inputs, self._forward)
+            self._forward = ForwardInputs(batch_size, masks, {"encoder": None, "decoder": copy(inputs["position_ids"])})
         self._captures = {}
         self._router_calls = {}
         self._last_results = None

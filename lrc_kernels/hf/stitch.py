@@ -219,24 +219,29 @@ def validated_selection(site: RouterSite, record: PassRecord) -> Optional[torch.
         raise RuntimeError(f"{site.name}: the router ran {len(records)} times in one forward pass "
                            f"(a weight-shared or looped layer); capture supports one call per router")
     selection, has_nan = records[0]
+    if callable(selection):  # a reader that left its per-token work for after the pass
+        selection = selection()
     if has_nan is not None and bool(has_nan):
         raise ValueError(f"{site.name}: router logits contain NaN; top-k from logits is undefined")
     return selection
 
 
-def accumulated_inputs(inputs: dict, forward: ForwardInputs) -> ForwardInputs:
-    """Keep only this call's mask columns (a KV-cache mask grows every step) and its token ids."""
+def accumulated_inputs(inputs: dict, batch_size: Optional[int]) -> ForwardInputs:
+    """A decoder-only call's inputs, cut to this call's tokens (a KV-cache mask grows every step) and copied."""
     tokens = inputs["input_ids"] if isinstance(inputs["input_ids"], torch.Tensor) else inputs["inputs_embeds"]
-    if not isinstance(tokens, torch.Tensor) or tokens.ndim < 2:
-        return forward
-    num_tokens = tokens.shape[1]
-    mask = forward.masks["decoder"]
-    if isinstance(mask, torch.Tensor) and mask.ndim == 2:
-        forward.masks["decoder"] = mask[:, -num_tokens:]
-    forward.num_tokens = num_tokens
-    if isinstance(inputs["input_ids"], torch.Tensor):
-        forward.input_ids = inputs["input_ids"].detach().clone()
-    return forward
+    num_tokens = tokens.shape[1] if isinstance(tokens, torch.Tensor) and tokens.ndim >= 2 else None
+
+    def this_call(value):
+        if not isinstance(value, torch.Tensor):
+            return value
+        if num_tokens is not None and value.ndim == 2:
+            value = value[:, -num_tokens:]
+        return value.detach().clone()
+
+    ids = inputs["input_ids"]
+    return ForwardInputs(batch_size, {"encoder": None, "decoder": this_call(inputs["attention_mask"])},
+                         {"encoder": None, "decoder": this_call(inputs["position_ids"])}, num_tokens,
+                         ids.detach().clone() if isinstance(ids, torch.Tensor) else None)
 
 
 def begin_generate(model, args: tuple, kwargs: dict) -> GenerateRecord:
@@ -296,5 +301,5 @@ class GenerateWrapper:
             del self._model.generate
 
 
-__all__ = ["ForwardInputs", "GenerateRecord", "GenerateWrapper", "Layout", "PassRecord", "accumulated_inputs", "begin_generate",
-           "forward_layout", "stitch", "validated_selection"]
+__all__ = ["ForwardInputs", "GenerateRecord", "GenerateWrapper", "Layout", "PassRecord", "accumulated_inputs",
+           "begin_generate", "forward_layout", "stitch", "validated_selection"]

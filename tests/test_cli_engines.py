@@ -170,6 +170,8 @@ def _bad_files(directory, rng):
         (["vllm.jsonl", *engine, "--layers", "1-x"], "--layers '1-x': expected numbers and ranges"),
         (["vllm.jsonl", *engine, "--layers", "5"], "vllm.jsonl: --layers '5' names layer 5, not in the file (layers: 0-2)"),
         (["vllm.jsonl"], "vllm.jsonl: the file does not say how many experts each layer has; pass --num-experts"),
+        (["meg.jsonl", *engine, "--micro-batch-size", 1, "--phase", "decode"],
+         "meg.jsonl: phase: 'decode' needs a trace with per-token phases"),
     ]
 
 
@@ -201,3 +203,13 @@ def test_torchrun_rank_with_a_file_that_does_not_fit_fails_every_rank_with_one_l
                       "('layer 0', 'layer 1', 'layer 2') and ('layer 0', 'layer 1', 'layer 2', 'layer 3')"], done.stderr
     # torchrun itself reports the failed ranks (with its launcher's traceback); none comes from lrc_kernels.
     assert "lrc_kernels/" not in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_progress_bar_on_a_terminal_counts_the_files_bytes(tmp_path, rng, capsys, monkeypatch):
+    for index in range(2):
+        write_vllm(tmp_path / f"p{index}.jsonl", [(2, random_rows(rng, [5], L, K, E))])
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["trace", str(tmp_path / "p0.jsonl"), str(tmp_path / "p1.jsonl"), "--num-experts", str(E),
+                 "--out", str(tmp_path / "out"), "--seg-lens", "2", "--num-bootstrap", "0", "--no-plots"]) == 0
+    bar = capsys.readouterr().err
+    assert "trace files" in bar and "2/2 files" in bar, bar

@@ -211,3 +211,13 @@ def test_expand_paths_directories_globs_and_duplicates(tmp_path):
     assert expand_paths([str(tmp_path / "*.jsonl")]) == [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
     with pytest.raises(TraceReadError, match=r"no file matches"):
         expand_paths([str(tmp_path / "*.npz")])
+
+
+def test_json_lines_readers_report_the_bytes_they_read(tmp_path, rng, monkeypatch):
+    import lrc_kernels.io._common as common
+
+    monkeypatch.setattr(common, "_PROGRESS_STEP", 1)   # one call per line instead of one per 4 MB
+    write_vllm(tmp_path / "v.jsonl", [(2, random_rows(rng, [5], L, K, E)) for _ in range(3)])
+    calls = []
+    read_trace(tmp_path / "v.jsonl", "vllm", ReadOptions(num_experts=E, on_bytes=calls.append))
+    assert len(calls) == 3 and sum(calls) == (tmp_path / "v.jsonl").stat().st_size

@@ -12,6 +12,7 @@ import argparse
 import pathlib
 import sys
 import warnings
+from dataclasses import replace
 from typing import Optional
 
 from lrc_kernels.io import FORMATS, ReadOptions, TraceReadWarning, expand_paths, options_from_model_config, read_trace
@@ -50,14 +51,34 @@ def read_options(args) -> ReadOptions:
     return options
 
 
-def _progress(total: int, enabled: bool):
-    if not enabled or not sys.stderr.isatty():   # a log file gets no bar
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="trace files", unit="file", file=sys.stderr, leave=False)
+class _Progress:
+    """A bar over the bytes of this rank's files, moved every few MB of a JSON-lines file and at each file's end
+    (on a terminal, unless --quiet; only rank 0)."""
+
+    def __init__(self, files, enabled: bool):
+        self.bar, self.read = None, 0
+        if enabled and sys.stderr.isatty():   # a log file gets no bar
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            size = sum(path.stat().st_size for path in files if path.is_file())   # a missing file fails later
+            self.bar = tqdm(total=size, desc="trace files", unit="B",
+                            unit_scale=True, file=sys.stderr, leave=False)
+
+    def on_bytes(self, count: int) -> None:
+        self.read += count
+        self.bar.update(count)
+
+    def file_done(self, path: pathlib.Path, number: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.update(max(path.stat().st_size - self.read, 0))
+            self.bar.set_postfix_str(f"{number}/{total} files")
+        self.read = 0
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _file_statistics(path: pathlib.Path, args, options: ReadOptions):
@@ -85,22 +106,22 @@ def collect(args, rank: int = 0, world_size: int = 1):
     files = expand_paths(args.files)
     if world_size > len(files):
         raise UsageError(f"{len(files)} files for {world_size} ranks: torchrun needs at least one file per rank")
-    options = read_options(args)
     mine = list(range(rank, len(files), world_size))
-    bar = _progress(len(mine), not args.quiet and rank == 0)
+    progress = _Progress([files[index] for index in mine], not args.quiet and rank == 0)
+    options = read_options(args)
+    if progress.bar is not None:
+        options = replace(options, on_bytes=progress.on_bytes)
     parts, error = [], None
     with warnings.catch_warnings():
         warnings.showwarning = _warn_on_one_line
         try:
-            for index in mine:
+            for number, index in enumerate(mine, start=1):
                 parts.append((index, _file_statistics(files[index], args, options)))
-                if bar is not None:
-                    bar.update(1)
+                progress.file_done(files[index], number, len(mine))
         except (ValueError, TypeError, OSError) as failure:
             error = str(failure).splitlines()[0] if str(failure) else type(failure).__name__
         finally:
-            if bar is not None:
-                bar.close()
+            progress.close()
     if world_size > 1:
         from .distributed import all_reduce_statistics, first_error
 

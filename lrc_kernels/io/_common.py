@@ -13,7 +13,7 @@ import reprlib
 import pathlib
 import warnings
 from dataclasses import dataclass, replace
-from typing import Iterator, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ class ReadOptions:
         layers: a layer SPEC (``"1-47"``, ``"1,3,5"``, ``"0-3,8"``) keeping those layer numbers, or None (all).
         num_layers, top_k: the shape of SGLang's raw int32 bytes, which carry no shape.
         micro_batch_size: B of Megatron's ``[s, b]`` token order.
+        on_bytes: called with the number of bytes just read, every few MB of a JSON-lines file (a progress bar).
     """
 
     num_experts: Optional[Union[int, Tuple[int, ...]]] = None
@@ -49,6 +50,10 @@ class ReadOptions:
     num_layers: Optional[int] = None
     top_k: Optional[int] = None
     micro_batch_size: Optional[int] = None
+    on_bytes: Optional[Callable[[int], None]] = None
+
+
+_PROGRESS_STEP = 4 << 20   # bytes between two on_bytes calls: a bar moves without a call per line
 
 
 # The keys Hugging Face configs use for these numbers, most common first.
@@ -113,15 +118,21 @@ def _describe_numbers(numbers: Sequence[int]) -> str:
     return ",".join(map(str, numbers))
 
 
-def json_lines(path: pathlib.Path, *, lists: bool = False) -> Iterator[Tuple[int, object]]:
+def json_lines(path: pathlib.Path, *, lists: bool = False,
+               on_bytes: Optional[Callable[[int], None]] = None) -> Iterator[Tuple[int, object]]:
     """``(line number, object)`` of every non-blank line; a line that is not a JSON object (or, with
-    ``lists``, a list of objects: SGLang's batch responses) is an error."""
+    ``lists``, a list of objects: SGLang's batch responses) is an error. ``on_bytes`` hears of the bytes read."""
     try:
         handle = open(path, "rb")
     except OSError as error:
         raise TraceReadError(f"{path}: cannot open: {error.strerror}")
+    pending = 0
     with handle:
         for number, line in enumerate(handle, start=1):
+            pending += len(line)
+            if on_bytes is not None and pending >= _PROGRESS_STEP:
+                on_bytes(pending)
+                pending = 0
             if not line.strip():
                 continue
             try:
@@ -134,6 +145,8 @@ def json_lines(path: pathlib.Path, *, lists: bool = False) -> Iterator[Tuple[int
             if not isinstance(record, dict):
                 raise TraceReadError(f"{path}:{number}: expected a JSON object, found {type(record).__name__}")
             yield number, record
+    if on_bytes is not None and pending:
+        on_bytes(pending)
 
 
 def _truncated(line: bytes) -> str:

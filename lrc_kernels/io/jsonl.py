@@ -19,7 +19,7 @@ from ._common import (ReadOptions, brief, Sequences, TraceReadError, assemble, c
 
 def read(path: pathlib.Path, options: ReadOptions):
     records = []
-    for line, record in json_lines(path):
+    for line, record in json_lines(path, on_bytes=options.on_bytes):
         where = f"{path}:{line}"
         layer = int_field(record, "layer", where, required=False) or 0
         if "seq" not in record:

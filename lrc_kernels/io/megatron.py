@@ -41,7 +41,7 @@ def read(path: pathlib.Path, options: ReadOptions):
     groups: dict = {}          # (step, micro-batch) -> {layer: (line, indices)}
     seen_in_step: dict = {}    # (step, layer) -> micro-batches seen
     stage = top_k = None
-    for line, record in json_lines(path):
+    for line, record in json_lines(path, on_bytes=options.on_bytes):
         where = f"{path}:{line}"
         if record.get("block", "decoder") != "decoder":
             continue

@@ -76,7 +76,7 @@ def read(path: pathlib.Path, options: ReadOptions):
     """The :class:`~lrc_kernels.RoutingTrace` of every response (or choice) of ``path``."""
     num_layers, top_k = _shape(options, str(path))
     rows, prompt_lengths = [], []
-    for line, record in json_lines(path, lists=True):
+    for line, record in json_lines(path, lists=True, on_bytes=options.on_bytes):
         responses = record if isinstance(record, list) else [record]
         for item, response in enumerate(responses):
             where = f"{path}:{line}" + (f": [{item}]" if isinstance(record, list) else "")

@@ -48,7 +48,7 @@ def read_jsonl(path: pathlib.Path, options: ReadOptions):
     """The :class:`~lrc_kernels.RoutingTrace` of every choice of every response line of ``path``."""
     rows, prompt_lengths = [], []
     num_layers = top_k = None
-    for line, response in json_lines(path):
+    for line, response in json_lines(path, on_bytes=options.on_bytes):
         where = f"{path}:{line}"
         choices = response.get("choices")
         if not isinstance(choices, list) or not choices:

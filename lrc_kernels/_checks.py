@@ -49,7 +49,15 @@ def check_num_experts(num_experts) -> int:
 
 
 def _memory_budget() -> int:
-    """Physical memory of this machine in bytes (64 GiB where the OS does not say)."""
+    """Memory available to a new array now, in bytes: Linux's MemAvailable, else the physical memory, else
+    64 GiB where the OS says neither."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -65,7 +73,7 @@ def check_allocation(shape: Sequence[int], name: str, what: str, *, bytes_per_it
     budget = _memory_budget()
     if num_bytes > budget:
         raise ValueError(f"{name}: {what} of shape {list(shape)} would need {num_bytes / 2**30:.3g} GiB, "
-                         f"more than this machine's {budget / 2**30:.3g} GiB of memory")
+                         f"more than the {budget / 2**30:.3g} GiB of memory available")
 
 
 def check_confidence(confidence) -> float:

@@ -11,37 +11,17 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from lrc_kernels.bootstrap import bootstrap_indices
 from lrc_kernels.plan_bytes import DEFAULT_BANDWIDTH_GBS
 
+from .errors import Parser, UsageError, int_option, require, run_guarded
 from .plan import (add_plan, add_plan_command, add_plan_options, expert_size_for, plan_block, run_plan_command,
                    write_plan_plot)
-from .report import UsageError, summary_table, write_results
 from .trace import ReportedByRankZero, add_arguments as add_trace_arguments
 
 PROG = "lrc-kernels"
 DEFAULT_SEG_LENS = (4, 16, 64)
 DEMO_SETTINGS = {"seq_len": 256, "max_tokens": 16384, "batch_size": 16, "num_bootstrap": 200}
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+_positive_int, _non_negative_int = int_option(1), int_option(0)
 
 
 def _add_report_options(parser: argparse.ArgumentParser, *, num_bootstrap: int = 200) -> None:
@@ -50,13 +30,20 @@ def _add_report_options(parser: argparse.ArgumentParser, *, num_bootstrap: int =
     parser.add_argument("--num-bootstrap", type=_non_negative_int, default=num_bootstrap, metavar="B",
                         help="bootstrap replicates over sequences for the CIs, 0 = none (default: %(default)s)")
     parser.add_argument("--confidence", type=float, default=0.95, help="CI level (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap weights (default: %(default)s)")
+    parser.add_argument("--seed", type=int_option(-(1 << 63)), default=0,
+                        help="seed of the bootstrap weights (default: %(default)s)")
     parser.add_argument("--phase", choices=("all", "prefill", "decode"), default="all",
                         help="tokens to report: all, or only the prompt (prefill) or generated (decode) tokens of "
                              "each sequence; 'all' on a generated workload adds prefill and decode rows "
                              "(default: %(default)s)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("lrc_report"), metavar="DIR",
                         help="output directory (default: %(default)s)")
+    _add_output_options(parser)
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --out, replacing the report files of an earlier run there")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no table")
 
@@ -74,7 +61,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    from lrc_kernels import __version__
+
+    parser = Parser(prog=PROG, description=__doc__)
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     analyze = commands.add_parser("analyze", help="run a local Hugging Face MoE model over a text",
@@ -104,8 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            f"({', '.join(f'{k}={v}' for k, v in DEMO_SETTINGS.items())}).")
     demo.add_argument("--out", type=pathlib.Path, default=pathlib.Path("lrc_demo"), metavar="DIR",
                       help="output directory (default: %(default)s)")
-    demo.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    demo.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+    _add_output_options(demo)
     add_plan_command(commands)
     return parser
 
@@ -120,15 +109,19 @@ def _run_report(trace, args, meta: dict, started: float, expert=(None, None)) ->
 
 
 def _write_report(results: dict, args, started: float, expert=(None, None)) -> int:
+    from .report import summary_table, write_results
+
     results["meta"]["seconds"] = round(time.perf_counter() - started, 2)
     add_plan(results, args, expert)
     top_k, title = results["meta"]["top_k"], results["meta"].get("title", "")
-    paths = write_results(results, args.out)
+    args.output.remove_stale()
+    paths = []
     if not args.no_plots:
         from .plots import write_plots
 
-        paths += write_plots(results, top_k, args.out, title)
-        paths += write_plan_plot(results, args.out, title)
+        paths += write_plots(results, top_k, args.output, title)
+        paths += write_plan_plot(results, args.output, title)
+    paths = write_results(results, args.output) + paths
     if not args.quiet:
         print(summary_table(results, top_k))
         print(plan_block(results["plan"]))
@@ -162,44 +155,58 @@ def _analyze(args, started: float) -> int:
     return _run_report(trace, args, meta, started, expert)
 
 
+def _check_before_work(args) -> None:
+    """Everything that can fail without reading a model or a trace fails here, in the first second."""
+    from lrc_kernels.bootstrap import bootstrap_indices
+
+    from .output import OutputDir
+
+    args.seg_lens = sorted(set(args.seg_lens))
+    if args.num_bootstrap > 0:
+        bootstrap_indices(args.num_bootstrap, args.confidence)
+    if args.command == "analyze":
+        require("transformers", "cli", "analyze (a Hugging Face model)")
+    if not args.no_plots:
+        require("matplotlib", "cli", "the plots (or pass --no-plots)")
+    args.output = OutputDir(args.out, overwrite=args.overwrite)
+
+
+def _run(args) -> int:
+    started = time.perf_counter()
+    if args.command == "demo":
+        from .analyze import SAMPLE_TEXT
+
+        args.model, args.text, args.device, args.stage = "default", SAMPLE_TEXT, "cpu", None
+        args.generate, args.save_trace = 0, None
+        args.seg_lens, args.confidence, args.seed, args.phase = list(DEFAULT_SEG_LENS), 0.95, 0, "all"
+        args.cache_gib = args.cache_slots = args.expert_bytes = None
+        args.bandwidth_gbs, args.min_slots = DEFAULT_BANDWIDTH_GBS, 0
+        for name, value in DEMO_SETTINGS.items():
+            setattr(args, name, value)
+        args.command = "analyze"
+    if args.command == "plan":
+        return run_plan_command(args)
+    _check_before_work(args)
+    if args.command == "analyze":
+        return _analyze(args, started)
+    expert = expert_size_for(args, args.model_config)
+    from .trace import run
+
+    try:
+        results = run(args)
+    except ReportedByRankZero:
+        return 1
+    return 0 if results is None else _write_report(results, args, started, expert)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``lrc-kernels`` console script; returns the exit status."""
+    """Entry point of the ``lrc-kernels`` console script; returns the exit status (lrc_kernels.cli.errors)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exit_request:  # argparse exits on --help and on usage errors
+    except SystemExit as exit_request:  # argparse exits on --help, --version and (one line) usage errors
         return int(exit_request.code or 0)
-    started = time.perf_counter()
-    try:
-        if args.command == "demo":
-            from .analyze import SAMPLE_TEXT
-
-            args.model, args.text, args.device, args.stage = "default", SAMPLE_TEXT, "cpu", None
-            args.generate, args.save_trace = 0, None
-            args.seg_lens, args.confidence, args.seed, args.phase = list(DEFAULT_SEG_LENS), 0.95, 0, "all"
-            args.cache_gib = args.cache_slots = args.expert_bytes = None
-            args.bandwidth_gbs, args.min_slots = DEFAULT_BANDWIDTH_GBS, 0
-            for name, value in DEMO_SETTINGS.items():
-                setattr(args, name, value)
-            args.command = "analyze"
-        if args.command == "plan":
-            return run_plan_command(args)
-        args.seg_lens = sorted(set(args.seg_lens))
-        if args.num_bootstrap > 0:  # fail before the model runs, not after
-            bootstrap_indices(args.num_bootstrap, args.confidence)
-        if args.command == "analyze":
-            return _analyze(args, started)
-        expert = expert_size_for(args, args.model_config)
-        from .trace import run
-
-        results = run(args)
-        return 0 if results is None else _write_report(results, args, started, expert)
-    except (UsageError, ValueError, TypeError, OSError) as error:
-        if isinstance(error, ReportedByRankZero):
-            return 1
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 1
+    return run_guarded(lambda: _run(args))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Optional
 from lrc_kernels.plan_bytes import DEFAULT_BANDWIDTH_GBS, expert_size
 from lrc_kernels.plan_report import plan_section
 
+from .errors import require
 from .report import UsageError, _nan_to_null as nan_to_null
 
 DEFAULT_PLAN_DIR = pathlib.Path("lrc_plan")
@@ -157,21 +158,19 @@ def plan_block(plan: dict) -> str:
     return "\n".join(lines)
 
 
-def write_plan_plot(results: dict, out_dir: pathlib.Path, title: str) -> list[pathlib.Path]:
-    """Write ``plan.png`` of ``results["plan"]``; return its path in a list."""
+def write_plan_plot(results: dict, out, title: str) -> list[pathlib.Path]:
+    """Write ``plan.png`` of ``results["plan"]`` into ``out`` (an OutputDir); return its path in a list."""
     from .plan_plot import plot_plan
 
-    path = out_dir / "plan.png"
-    plot_plan(results, path, title)
-    return [path]
+    with out.writing("plan.png") as path:
+        plot_plan(results, path, title)
+    return [out.path / "plan.png"]
 
 
-def write_plan(results: dict, out_dir: pathlib.Path, title: str, *, plots: bool) -> list[pathlib.Path]:
-    """Write ``plan.json`` (the plan section) and, with ``plots``, ``plan.png``; return the paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "plan.json"
-    path.write_text(json.dumps(nan_to_null(results["plan"]), indent=1, allow_nan=False) + "\n")
-    return [path] + (write_plan_plot(results, out_dir, title) if plots else [])
+def write_plan(results: dict, out, title: str, *, plots: bool) -> list[pathlib.Path]:
+    """Write ``plan.json`` (the plan section) and, with ``plots``, ``plan.png`` into ``out``; return the paths."""
+    path = out.write_text("plan.json", json.dumps(nan_to_null(results["plan"]), indent=1, allow_nan=False) + "\n")
+    return [path] + (write_plan_plot(results, out, title) if plots else [])
 
 
 def add_plan_command(commands) -> None:
@@ -182,11 +181,17 @@ def add_plan_command(commands) -> None:
     add_plan_options(plan)
     plan.add_argument("--out", type=pathlib.Path, default=DEFAULT_PLAN_DIR, metavar="DIR",
                       help="output directory for plan.json and plan.png (default: %(default)s)")
+    plan.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     plan.add_argument("--no-plots", action="store_true", help="skip plan.png")
     plan.add_argument("--quiet", action="store_true", help="no plan block")
 
 
 def run_plan_command(args) -> int:
+    from .output import OutputDir
+
+    if not args.no_plots:
+        require("matplotlib", "cli", "the plots (or pass --no-plots)")
+    out = OutputDir(args.out, overwrite=args.overwrite)
     try:
         results = json.loads(args.results.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -195,7 +200,7 @@ def run_plan_command(args) -> int:
         raise UsageError(f"{args.results}: expected a results.json of lrc-kernels analyze/trace/demo "
                          "(with 'layers', 'model' and 'meta')")
     add_plan(results, args, expert_size_for(args, saved=results.get("plan")))
-    paths = write_plan(results, args.out, results["meta"].get("title", ""), plots=not args.no_plots)
+    paths = write_plan(results, out, results["meta"].get("title", ""), plots=not args.no_plots)
     if not args.quiet:
         print(plan_block(results["plan"]))
         print(f"wrote {', '.join(str(p) for p in paths)}")

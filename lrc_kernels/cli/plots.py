@@ -127,10 +127,13 @@ def plot_srp_heatmap(results: dict, path: pathlib.Path, title: str) -> None:
     plt.close(figure)
 
 
-def write_plots(results: dict, top_k: int, out_dir: pathlib.Path, title: str) -> list[pathlib.Path]:
-    """Write ``srp_vs_L.png``, ``cache_curves.png`` and ``srp_heatmap.png`` into ``out_dir``; return the paths."""
-    paths = [out_dir / "srp_vs_L.png", out_dir / "cache_curves.png", out_dir / "srp_heatmap.png"]
-    plot_srp_vs_seg_len(results, paths[0], title)
-    plot_cache_curves(results, top_k, paths[1], title)
-    plot_srp_heatmap(results, paths[2], title)
-    return paths
+def write_plots(results: dict, top_k: int, out, title: str) -> list[pathlib.Path]:
+    """Write ``srp_vs_L.png``, ``cache_curves.png`` and ``srp_heatmap.png`` into ``out`` (an
+    :class:`~lrc_kernels.cli.output.OutputDir`); return the paths."""
+    with out.writing("srp_vs_L.png") as path:
+        plot_srp_vs_seg_len(results, path, title)
+    with out.writing("cache_curves.png") as path:
+        plot_cache_curves(results, top_k, path, title)
+    with out.writing("srp_heatmap.png") as path:
+        plot_srp_heatmap(results, path, title)
+    return [out.path / name for name in ("srp_vs_L.png", "cache_curves.png", "srp_heatmap.png")]

@@ -15,11 +15,11 @@ from typing import Optional
 from lrc_kernels.analyze import CURVE_FIELDS
 from lrc_kernels.srp import SRPScore
 
+from .errors import UsageError  # noqa: F401 -- re-exported: the loaders raise it from here
+
 SRP_FIELDS = tuple(f.name for f in fields(SRPScore))
 
 
-class UsageError(ValueError):
-    """A problem with the user's input (file, option, data); the command line prints it as one line."""
 
 
 def _nan_to_null(value):
@@ -32,17 +32,26 @@ def _nan_to_null(value):
     return value
 
 
-def write_results(results: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
-    """Write ``results.json`` (NaN as null), ``srp.csv``, ``cache.csv`` and ``coverage.csv``; return the paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "results.json"
-    json_path.write_text(json.dumps(_nan_to_null(results), indent=1, allow_nan=False) + "\n")
+def write_results(results: dict, out) -> list[pathlib.Path]:
+    """Write ``srp.csv``, ``cache.csv``, ``coverage.csv`` and, last, ``results.json`` (NaN as null) into ``out``.
 
+    ``out`` is the run's :class:`~lrc_kernels.cli.output.OutputDir`; ``results["meta"]["outputs"]`` becomes the
+    list of every file it wrote (earlier ones, e.g. plots, included), which a later ``--overwrite`` removes.
+    Returns the paths written here.
+    """
     streams = [(str(entry["layer"]), entry) for entry in results["layers"]] + [("model", results["model"])]
     for phase, part in results.get("phases", {}).items():  # a generated workload: "prefill/0", "decode/model"
         streams += [(f"{phase}/{entry['layer']}", entry) for entry in part["layers"]]
         streams.append((f"{phase}/model", part["model"]))
-    srp_path, cache_path, coverage_path = out_dir / "srp.csv", out_dir / "cache.csv", out_dir / "coverage.csv"
+    with out.writing("srp.csv") as srp_path, out.writing("cache.csv") as cache_path, \
+            out.writing("coverage.csv") as coverage_path:
+        _write_csvs(streams, srp_path, cache_path, coverage_path)
+    results["meta"]["outputs"] = sorted({path.name for path in out.written} | {"results.json"})
+    json_path = out.write_text("results.json", json.dumps(_nan_to_null(results), indent=1, allow_nan=False) + "\n")
+    return [json_path, out.path / "srp.csv", out.path / "cache.csv", out.path / "coverage.csv"]
+
+
+def _write_csvs(streams, srp_path: pathlib.Path, cache_path: pathlib.Path, coverage_path: pathlib.Path) -> None:
     with srp_path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(("layer", "seg_len") + SRP_FIELDS)
@@ -64,7 +73,6 @@ def write_results(results: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
             for seg_len, values in entry["coverage"].items():
                 for size, value in enumerate(values, start=1):
                     writer.writerow([name, seg_len, size, _csv_value(value)])
-    return [json_path, srp_path, cache_path, coverage_path]
 
 
 def _csv_value(value) -> str:

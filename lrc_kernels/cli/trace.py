@@ -17,6 +17,9 @@ from typing import Optional
 
 from lrc_kernels.io import FORMATS, ReadOptions, TraceReadWarning, expand_paths, options_from_model_config, read_trace
 
+from lrc_kernels._checks import MAX_EXPERTS
+
+from .errors import int_option
 from .report import UsageError
 
 
@@ -26,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser, positive_int) -> None:
     parser.add_argument("--format", choices=FORMATS, default="auto",
                         help="file format (docs/formats.md of the lrc_kernels source repository); 'auto' "
                              "recognises it from the content (default: %(default)s)")
-    parser.add_argument("--num-experts", type=positive_int, default=None, metavar="E",
+    parser.add_argument("--num-experts", type=int_option(1, MAX_EXPERTS), default=None, metavar="E",
                         help="routed experts per layer; ids must lie in [-1, E) (not needed for trace files "
                              "written by RoutingTrace.save or SGLang dumps)")
     parser.add_argument("--layers", default=None, metavar="SPEC",

@@ -174,3 +174,18 @@ def test_capture_equals_the_experts_that_really_ran(model_type):
             f"{model_type} {router_name}: recorded {ids[mismatch].tolist()} but the experts that changed the "
             f"output were {[row.nonzero().flatten().tolist() for row in expected[mismatch]]}")
     assert covered == set(truth), f"{model_type}: experts without a recorded router: {set(truth) - covered}"
+
+
+def test_ernie_vl_forward_with_image_tokens_is_refused_text_only_is_captured():
+    model = build_family_model("ernie4_5_vl_moe_text")
+    inputs = _inputs(model, "ernie4_5_vl_moe_text")
+    with RoutingRecorder(model) as recorder:
+        with torch.no_grad():
+            model(**inputs, moe_mm_token_type_ids=torch.zeros(BATCH, SEQ, dtype=torch.long))
+        assert all(ids.shape == (BATCH, SEQ, 2) for ids in recorder.routing().values())
+        token_types = torch.zeros(BATCH, SEQ, dtype=torch.long)
+        token_types[0, 2:4] = 1  # two image tokens
+        with torch.no_grad():
+            model(**inputs, moe_mm_token_type_ids=token_types)
+        with pytest.raises(ValueError, match="image/video tokens"):
+            recorder.routing()

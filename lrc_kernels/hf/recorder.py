@@ -163,6 +163,7 @@ class RoutingRecorder:
         self._forward: Optional[ForwardInputs] = None
         self._captures: dict[str, list] = {}
         self._router_calls: dict[str, int] = {}
+        self._other_modality: dict[str, torch.Tensor] = {}  # Ernie-4.5-VL's token types of the last pass
         # routing() and lengths() of one forward pass share its layouts (packed sequences cost a few scans)
         self._last_results: Optional[dict[str, tuple[torch.Tensor, Layout]]] = None
 
@@ -245,6 +246,9 @@ class RoutingRecorder:
             # Counted so that a router whose experts never ran (a fused kernel replaced the block) is an error.
             if self._in_forward:
                 self._router_calls[site.name] = self._router_calls.get(site.name, 0) + 1
+                position = site.other_modality_arg
+                if position is not None and len(args) > position and isinstance(args[position], torch.Tensor):
+                    self._other_modality[site.name] = args[position].detach()  # checked after the pass
 
         return (site.capture_module.register_forward_pre_hook(on_capture_call, with_kwargs=True),
                 site.router.register_forward_pre_hook(on_router_call))
@@ -275,6 +279,7 @@ class RoutingRecorder:
             self._forward = ForwardInputs(batch_size, masks, {"encoder": None, "decoder": copy(inputs["position_ids"])})
         self._captures = {}
         self._router_calls = {}
+        self._other_modality = {}
         self._last_results = None
         self._last_failed = False
         self._in_forward = True
@@ -296,6 +301,11 @@ class RoutingRecorder:
         layouts: dict[tuple[str, int], Layout] = {}
         results = {}
         for site in self._sites:
+            token_types = self._other_modality.get(site.name)
+            if token_types is not None and bool(token_types.any()):
+                raise ValueError(f"{site.name}: this forward pass has image/video tokens (nonzero token types "
+                                 f"passed to {type(site.router).__name__}), which its vision experts process; "
+                                 f"the capture covers text-only forward passes")
             selection = validated_selection(site, PassRecord(self._forward, self._captures, self._router_calls))
             if selection is None:
                 continue  # the router did not run in the last forward (e.g. encoder given as encoder_outputs)

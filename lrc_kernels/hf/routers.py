@@ -44,6 +44,7 @@ class _FamilyRule:
     top_k_config: Optional[str] = None  # config field holding top-k where no module has a ``top_k``
     sizes_from: Optional[str] = None   # router child whose ``num_experts``/``top_k`` describe the site
     refuse: Optional[Callable[[nn.Module, nn.Module], Optional[str]]] = None  # (router, capture) -> reason
+    other_modality_arg: Optional[int] = None  # router-call argument marking tokens routed past the capture
 
 
 def _nllb_runs_two_experts_only(router: nn.Module, experts: nn.Module) -> Optional[str]:
@@ -110,7 +111,8 @@ _FAMILY_RULES: dict[str, _FamilyRule] = {
     "DiffusionGemmaTextRouter": _FamilyRule(top_k_config="top_k_experts"),
     # Ernie-4.5-VL declares its modality-split block, which routes text tokens through ``text_moe`` (a gate
     # and its experts) and image/video tokens through ``vision_moe``; text-only forwards run ``text_moe`` alone.
-    "Ernie4_5_VLMoeMoeBlock": _FamilyRule(capture="text_moe.experts", sizes_from="text_moe"),
+    # A forward with image/video tokens (nonzero ``moe_mm_token_type_ids``, argument 1) is refused.
+    "Ernie4_5_VLMoeMoeBlock": _FamilyRule(capture="text_moe.experts", sizes_from="text_moe", other_modality_arg=1),
 }
 
 
@@ -140,6 +142,8 @@ class RouterSite:
     order_by_weight: bool = field(default=True, compare=False, repr=False)
     zero_weight_is_skip: bool = field(default=False, compare=False, repr=False)
     logits_index: Optional[int] = field(default=None, compare=False, repr=False)
+    # Position of the router call's argument whose nonzero entries mark tokens the capture does not see.
+    other_modality_arg: Optional[int] = field(default=None, compare=False, repr=False)
 
 
 def _router_specs(model: nn.Module) -> list[tuple[Optional[type], Optional[str], Optional[str], int]]:
@@ -228,7 +232,7 @@ def _make_site(name: str, router: nn.Module, parent: Optional[nn.Module], logits
         name=name, layer=layer, stage=stage, num_experts=num_experts, top_k=top_k, router=router,
         capture_module=capture_module, kind=rule.kind, selection_arg=selection_arg, weight_arg=weight_arg,
         order_by_weight=rule.order_by_weight and top_k > 1, zero_weight_is_skip=rule.zero_weight_is_skip,
-        logits_index=logits_index if rule.has_expert_logits else None)
+        logits_index=logits_index if rule.has_expert_logits else None, other_modality_arg=rule.other_modality_arg)
 
 
 def find_routers(model: nn.Module) -> list[RouterSite]:

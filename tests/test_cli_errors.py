@@ -200,3 +200,41 @@ def test_non_empty_out_needs_overwrite_which_removes_stale_files(capsys, tmp_pat
 
     assert run_in_process(capsys, *common, "--out", out, "--no-plots", "--overwrite")[0] == 0
     assert {p.name for p in out.iterdir()} == {"results.json", "srp.csv", "cache.csv", "coverage.csv", "notes.txt"}
+
+
+# --- numbers that cannot say anything are marked, not printed as measurements ------------------------------
+
+def test_srp_beyond_every_sequence_is_null_na_and_warned(capsys, tmp_path, trace_file):
+    """L = 4096 > T: no window anywhere, so SRP@4096 is null in results.json and n/a in the table."""
+    out = tmp_path / "out"
+    code = main(["trace", str(trace_file), "--num-experts", "4", "--seg-lens", "2", "4096", "--num-bootstrap", "20",
+                 "--out", str(out), "--no-plots"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert [line for line in captured.err.splitlines() if "SRP@4096" in line] == [
+        f"lrc-kernels: warning: SRP@4096 not defined: no sequence has that many tokens (the longest has "
+        f"{max(record['pos'] for record in TRACE_LINES) + 1}); reported as null (n/a)"]
+    results = json.loads((out / "results.json").read_text())
+    for entry in results["layers"] + [results["model"]]:
+        assert entry["srp"]["4096"] == {"best_f1": None, "threshold": None, "best_m": None, "act_r": None,
+                                        "support": 0, "ci_low": None, "ci_high": None}
+        assert entry["srp"]["2"]["best_f1"] is not None
+    header, first = captured.out.splitlines()[:2]
+    assert "SRP@4096" in header and "n/a" in first and "0.000 [0.000,0.000]" not in captured.out
+
+
+def test_few_sequences_warn_about_the_intervals(capsys, tmp_path):
+    path = tmp_path / "two.jsonl"
+    path.write_text("".join(json.dumps({"seq": s, "pos": t, "experts": [(s + t) % 4]}) + "\n"
+                            for s in range(2) for t in range(8)))
+    assert main(["trace", str(path), "--num-experts", "4", "--seg-lens", "2", "--num-bootstrap", "20",
+                 "--out", str(tmp_path / "out"), "--no-plots", "--quiet"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "lrc-kernels: warning: the bootstrap CIs rest on 2 sequences (fewer than 20): treat them as rough"]
+
+
+def test_one_layer_has_no_duplicate_model_row(capsys, tmp_path, trace_file):
+    assert main(["trace", str(trace_file), "--num-experts", "4", "--seg-lens", "2", "--num-bootstrap", "0",
+                 "--out", str(tmp_path / "out"), "--no-plots"]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:] if line.strip()]
+    assert rows[0] == "0" and "model" not in rows

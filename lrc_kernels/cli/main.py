@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 from lrc_kernels.plan_bytes import DEFAULT_BANDWIDTH_GBS
 
-from .errors import Parser, UsageError, int_option, require, run_guarded
+from .errors import Parser, UsageError, int_option, require, run_guarded, warn
 from .plan import (add_plan, add_plan_command, add_plan_options, expert_size_for, plan_block, run_plan_command,
                    write_plan_plot)
 from .trace import ReportedByRankZero, add_arguments as add_trace_arguments
@@ -109,8 +109,10 @@ def _run_report(trace, args, meta: dict, started: float, expert=(None, None)) ->
 
 
 def _write_report(results: dict, args, started: float, expert=(None, None)) -> int:
-    from .report import summary_table, write_results
+    from .report import qualify, summary_table, write_results
 
+    for message in qualify(results):
+        warn(message)
     results["meta"]["seconds"] = round(time.perf_counter() - started, 2)
     add_plan(results, args, expert)
     top_k, title = results["meta"]["top_k"], results["meta"].get("title", "")

@@ -81,6 +81,39 @@ def _csv_value(value) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
+# Minimum sequences for a bootstrap over sequences to say much (basic intervals from fewer are erratic).
+MIN_BOOTSTRAP_SEQUENCES = 20
+
+
+def _streams(results: dict) -> list:
+    """Every scored stream of a report: the layers, the model level, and those of each phase."""
+    parts = [results] + list(results.get("phases", {}).values())
+    return [entry for part in parts for entry in part["layers"] + [part["model"]]]
+
+
+def qualify(results: dict) -> list[str]:
+    """Mark what the numbers cannot say, and return the warnings to print.
+
+    SRP at an L longer than every sequence has no window: SPEC §9 scores such a pool 0, which a table would
+    show as a measurement, so its scores become null (``n/a`` in the table, skipped in the plots). Bootstrap
+    intervals over fewer than :data:`MIN_BOOTSTRAP_SEQUENCES` sequences are flagged.
+    """
+    warnings = []
+    undefined = [seg_len for seg_len, score in results["model"]["srp"].items() if score["support"] == 0]
+    for entry in _streams(results):
+        for seg_len in undefined:
+            score = entry["srp"][seg_len]
+            score.update({name: None for name in score if name != "support"})
+    meta = results["meta"]
+    if undefined:
+        warnings.append(f"SRP@{', SRP@'.join(undefined)} not defined: no sequence has that many tokens "
+                        f"(the longest has {meta['seq_len']}); reported as null (n/a)")
+    if meta.get("num_bootstrap", 0) > 0 and meta.get("num_sequences", 0) < MIN_BOOTSTRAP_SEQUENCES:
+        warnings.append(f"the bootstrap CIs rest on {meta['num_sequences']} sequences (fewer than "
+                        f"{MIN_BOOTSTRAP_SEQUENCES}): treat them as rough")
+    return warnings
+
+
 def _format(value: Optional[float], digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -99,7 +132,8 @@ def summary_table(results: dict, top_k: int) -> str:
     size = 2 * top_k
     header = ["layer"] + [f"SRP@{seg_len}" for seg_len in seg_lens] + list(policies)
     streams = [(str(entry["layer"]), entry, size) for entry in results["layers"]]
-    streams.append(("model", results["model"], size * num_layers))
+    if num_layers > 1:  # one layer: the model level is that layer again
+        streams.append(("model", results["model"], size * num_layers))
     streams += [(name, part["model"], size * num_layers) for name, part in results.get("phases", {}).items()]
     rows = []
     for name, entry, cache_size in streams:
@@ -107,7 +141,7 @@ def summary_table(results: dict, top_k: int) -> str:
         for seg_len in seg_lens:
             score = entry["srp"][seg_len]
             if score["support"] == 0:  # no complete window of L tokens: no score, not a score of 0
-                row.append("-")
+                row.append("n/a")
                 continue
             cell = _format(score["best_f1"])
             if score["ci_low"] is not None or score["ci_high"] is not None:
@@ -120,7 +154,7 @@ def summary_table(results: dict, top_k: int) -> str:
     widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in [header] + rows]
     note = (f"hit rates at m = 2k = {size} experts per layer, at most E (model: {size * num_layers} "
-            f"of the {num_layers}-layer stream); SRP = best F1 with its basic bootstrap CI (- : no window of L)")
+            f"of the {num_layers}-layer stream); SRP = best F1 with its basic bootstrap CI (n/a: no sequence has L tokens)")
     if "phases" in results:
         note += "; prefill/decode = the model level of the prompt / generated tokens"
     return "\n".join(lines + [note])

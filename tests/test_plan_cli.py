@@ -129,6 +129,7 @@ def test_plan_errors_are_one_line_naming_the_option(traced, tmp_path, capsys):
             del curve["hits"]
     (tmp_path / "stale.json").write_text(json.dumps(stale))
     (tmp_path / "bad.json").write_text("{")
+    (tmp_path / "foreign.json").write_text(json.dumps({"layers": [{"cache": 3}], "model": {}, "meta": {}}))
     (tmp_path / "llama.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
     saved = str(out / "results.json")
     unsized = dict(results)
@@ -139,6 +140,7 @@ def test_plan_errors_are_one_line_naming_the_option(traced, tmp_path, capsys):
         (["plan", str(tmp_path / "bad.json")], "bad.json: cannot read a results.json"),
         (["plan", str(tmp_path / "llama.json")], "expected a results.json of lrc-kernels"),
         (["plan", str(tmp_path / "stale.json")], "has no integer 'hits' and 'references'"),
+        (["plan", str(tmp_path / "foreign.json")], "foreign.json: not a results.json this lrc-kernels can plan"),
         (["plan", str(tmp_path / "unsized.json"), "--cache-gib", "1"], "--cache-gib: a budget of 1 GiB needs the"),
         (["trace", str(out.parent / "t.npz"), "--num-experts", "8", "--cache-gib", "1"],
          "--cache-gib: a budget of 1 GiB needs the size of one expert; give --expert-bytes or --config"),

@@ -17,7 +17,7 @@ from lrc_kernels.plan_bytes import DEFAULT_BANDWIDTH_GBS, expert_size
 from lrc_kernels.plan_report import plan_section
 
 from .errors import require
-from .report import UsageError, _nan_to_null as nan_to_null
+from .report import UsageError, strict_json
 
 DEFAULT_PLAN_DIR = pathlib.Path("lrc_plan")
 # the library's argument names and the options that set them, so an error names what the user typed
@@ -169,7 +169,7 @@ def write_plan_plot(results: dict, out, title: str) -> list[pathlib.Path]:
 
 def write_plan(results: dict, out, title: str, *, plots: bool) -> list[pathlib.Path]:
     """Write ``plan.json`` (the plan section) and, with ``plots``, ``plan.png`` into ``out``; return the paths."""
-    path = out.write_text("plan.json", json.dumps(nan_to_null(results["plan"]), indent=1, allow_nan=False) + "\n")
+    path = out.write_text("plan.json", strict_json(results["plan"]))
     return [path] + (write_plan_plot(results, out, title) if plots else [])
 
 
@@ -199,7 +199,11 @@ def run_plan_command(args) -> int:
     if not isinstance(results, dict) or not {"layers", "model", "meta"} <= set(results) or not results["layers"]:
         raise UsageError(f"{args.results}: expected a results.json of lrc-kernels analyze/trace/demo "
                          "(with 'layers', 'model' and 'meta')")
-    add_plan(results, args, expert_size_for(args, saved=results.get("plan")))
+    try:
+        add_plan(results, args, expert_size_for(args, saved=results.get("plan")))
+    except (KeyError, IndexError, TypeError, AttributeError) as error:  # a hand-edited or foreign file
+        raise UsageError(f"{args.results}: not a results.json this lrc-kernels can plan from "
+                         f"({type(error).__name__}: {error})") from None
     paths = write_plan(results, out, results["meta"].get("title", ""), plots=not args.no_plots)
     if not args.quiet:
         print(plan_block(results["plan"]))

@@ -32,6 +32,11 @@ def _nan_to_null(value):
     return value
 
 
+def strict_json(value) -> str:
+    """``value`` as indented strict JSON text (NaN as null), with a final newline."""
+    return json.dumps(_nan_to_null(value), indent=1, allow_nan=False) + "\n"
+
+
 def write_results(results: dict, out) -> list[pathlib.Path]:
     """Write ``srp.csv``, ``cache.csv``, ``coverage.csv`` and, last, ``results.json`` (NaN as null) into ``out``.
 
@@ -47,7 +52,7 @@ def write_results(results: dict, out) -> list[pathlib.Path]:
             out.writing("coverage.csv") as coverage_path:
         _write_csvs(streams, srp_path, cache_path, coverage_path)
     results["meta"]["outputs"] = sorted({path.name for path in out.written} | {"results.json"})
-    json_path = out.write_text("results.json", json.dumps(_nan_to_null(results), indent=1, allow_nan=False) + "\n")
+    json_path = out.write_text("results.json", strict_json(results))
     return [json_path, out.path / "srp.csv", out.path / "cache.csv", out.path / "coverage.csv"]
 
 

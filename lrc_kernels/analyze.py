@@ -4,7 +4,8 @@
 :class:`Statistics`; :func:`report` turns them into the ``results.json`` structure (per-layer and model-level
 SRP with bootstrap CIs, cache hit-rate curves, segment coverage, meta). Statistics are additive: ``a + b`` is
 the statistics of a's sequences followed by b's, so a workload split over files or ``torchrun`` ranks is
-reported by summing the parts in sequence order.
+reported by summing the parts in sequence order. (``lrc_kernels.analyze`` is the function; take this
+module's other names with ``from lrc_kernels.analyze import report``.)
 
 Why per-sequence statistics: the basic bootstrap resamples *sequences* with one multinomial weight matrix
 ``[S, B]`` shared by every layer, L and policy (SPEC §3 "Joint resampling"). Keeping each sequence's

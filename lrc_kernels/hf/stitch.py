@@ -116,7 +116,7 @@ class GenerateRecord:
 
     prompt_columns: int               # tokens per row of the prompt given to generate()
     output_prompt_columns: int        # of those, columns repeated at the start of the output (0: inputs_embeds)
-    eos_ids: tuple
+    eos_ids: object                   # int, list of ints, tensor (read only in trace()) or None
     passes: list = field(default_factory=list)
     sequences: Optional[torch.Tensor] = None
 
@@ -162,7 +162,8 @@ def _generate_rows(record: GenerateRecord, sites, selection: Callable):
                               if p.forward.masks["decoder"] is None else p.forward.masks["decoder"].cpu() != 0
                               for p in passes[:prompt_passes]], dim=1)
     # A row ends at its first EOS: that token and what generate() feeds a finished row are not forwarded by it.
-    is_eos = torch.isin(generated, torch.tensor(record.eos_ids, dtype=generated.dtype))
+    eos_ids = torch.as_tensor([] if record.eos_ids is None else record.eos_ids).flatten().cpu()
+    is_eos = torch.isin(generated, eos_ids.to(generated.dtype))
     num_generated = torch.where(is_eos.any(1), is_eos.to(torch.int8).argmax(1) + 1, generated.shape[1])
     prompt_lengths = prompt_valid.sum(1)
     lengths = prompt_lengths + (num_generated - 1).clamp_min(0)
@@ -263,9 +264,7 @@ def begin_generate(model, args: tuple, kwargs: dict) -> GenerateRecord:
     else:
         raise ValueError("model.generate() without input_ids or inputs_embeds: RoutingRecorder(accumulate=True) "
                          "needs the prompt tensor to tell prompt from generated tokens")
-    eos = setting("eos_token_id")
-    eos = eos.flatten().tolist() if isinstance(eos, torch.Tensor) else ([] if eos is None else eos)
-    return GenerateRecord(prompt_columns, output_columns, tuple([eos] if isinstance(eos, int) else eos))
+    return GenerateRecord(prompt_columns, output_columns, setting("eos_token_id"))
 
 
 class GenerateWrapper:

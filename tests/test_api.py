@@ -11,14 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lrc_kernels as lk
+from conftest import EXAMPLE_A, EXAMPLE_B, EXAMPLE_C, EXAMPLE_C_LENGTHS
 
 NAN = float("nan")
 
-EXAMPLE_A = torch.tensor([[0], [0], [1], [2], [0], [3], [2], [1]])
-EXAMPLE_B = torch.tensor([[0, 1], [2, 0], [3, 2], [1, 3], [2, 1], [3, 0]])
-EXAMPLE_C = torch.tensor([[[0, 1], [-1, 2], [-1, -1], [0, 2]],
-                          [[3, 2], [3, -1], [2, 3], [1, 0]]])
-LENGTHS_C = torch.tensor([4, 3])
+# SPEC §8 A and B as one sequence each: the API's unbatched [T, k] form
+ROWS_A, ROWS_B = EXAMPLE_A[0], EXAMPLE_B[0]
 
 
 def assert_score(score, best_f1, threshold, best_m, act_r, support=None):
@@ -34,10 +32,10 @@ def assert_score(score, best_f1, threshold, best_m, act_r, support=None):
 # --- SPEC §8 worked examples through srp() -----------------------------------------------------------
 
 def test_example_a_srp_expert_and_layer():
-    experts = lk.srp(EXAMPLE_A, 4, 2, level="expert")
+    experts = lk.srp(ROWS_A, 4, 2, level="expert")
     assert_score(experts, ["10/13", "2/3", "2/3", "2/3"], [1, 1, 1, 1], ["8/5", "2", "2", "2"],
                  ["5/14", "3/14", "2/7", "1/7"], [7, 7, 7, 7])
-    layer = lk.srp(EXAMPLE_A, 4, 2)
+    layer = lk.srp(ROWS_A, 4, 2)
     assert layer.best_f1.ndim == 0
     assert_score(lk.SRPScore(*(f.reshape(1) for f in (layer.best_f1, layer.threshold, layer.best_m,
                                                          layer.act_r, layer.support))),
@@ -45,19 +43,19 @@ def test_example_a_srp_expert_and_layer():
 
 
 def test_example_b_expert_thresholds_differ_from_shared_layer_threshold():
-    experts = lk.srp(EXAMPLE_B, 4, 3, level="expert")
+    experts = lk.srp(ROWS_B, 4, 3, level="expert")
     assert_score(experts, ["8/13", "2/3", "3/4", "3/4"], [1, 0, 2, 2], ["9/4", "2", "9/7", "9/7"],
                  ["1/3", "1/2", "7/12", "7/12"])
-    layer = lk.srp(EXAMPLE_B, 4, 3)
+    layer = lk.srp(ROWS_B, 4, 3)
     assert (layer.best_f1.item(), layer.threshold.item(), layer.best_m.item(), layer.act_r.item(),
             layer.support.item()) == (12 / 17, 2, 9 / 8, 0.5, 16)
 
 
 def test_example_c_minus_one_and_lengths():
-    layer = lk.srp(EXAMPLE_C, 4, 2, lengths=LENGTHS_C)
+    layer = lk.srp(EXAMPLE_C, 4, 2, lengths=EXAMPLE_C_LENGTHS)
     assert (layer.best_f1.item(), layer.threshold.item(), layer.best_m.item(), layer.act_r.item(),
             layer.support.item()) == (3 / 4, 1, 5 / 3, 0.3, 20)
-    experts = lk.srp(EXAMPLE_C, 4, 2, level="expert", lengths=LENGTHS_C)
+    experts = lk.srp(EXAMPLE_C, 4, 2, level="expert", lengths=EXAMPLE_C_LENGTHS)
     assert_score(experts, ["2/3", "2/3", "2/3", "1"], [1, 1, 0, 1], ["2", "2", "2", "1"],
                  ["1/5", "1/10", "1/2", "2/5"])
     alone = lk.srp(EXAMPLE_C[0], 4, 2, level="expert")
@@ -66,7 +64,7 @@ def test_example_c_minus_one_and_lengths():
 
 
 def test_example_c_layer_histograms_and_matches():
-    counts = lk.srp_counts(EXAMPLE_C, 4, 2, lengths=LENGTHS_C)
+    counts = lk.srp_counts(EXAMPLE_C, 4, 2, lengths=EXAMPLE_C_LENGTHS)
     assert counts.dtype == torch.int64 and counts.shape == (2, 4, 3)
     assert counts.sum(dim=(0, 1)).tolist() == [10, 8, 2]
     assert counts.sum(0).tolist() == [[3, 2, 0], [4, 1, 0], [0, 5, 0], [3, 0, 2]]
@@ -74,21 +72,21 @@ def test_example_c_layer_histograms_and_matches():
 
 def test_example_c_bootstrap_with_explicit_weights():
     weights = torch.tensor([[2, 1, 1, 0], [0, 1, 1, 2]])
-    score = lk.srp(EXAMPLE_C, 4, 2, lengths=LENGTHS_C, weights=weights, confidence=0.5)
+    score = lk.srp(EXAMPLE_C, 4, 2, lengths=EXAMPLE_C_LENGTHS, weights=weights, confidence=0.5)
     assert score.ci_low.item() == 2 * (3 / 4) - 6 / 7 and score.ci_low.item() == pytest.approx(9 / 14, abs=0)
     assert score.ci_high.item() == 2 * (3 / 4) - 3 / 4
 
 
 def test_example_c_positionwise():
-    score = lk.srp_positionwise(EXAMPLE_C, 4, 2, lengths=LENGTHS_C)
+    score = lk.srp_positionwise(EXAMPLE_C, 4, 2, lengths=EXAMPLE_C_LENGTHS)
     assert_score(score, ["3/4", "4/5", "2/3"], [1, 1, 1], ["5/3", "3/2", "2"], ["3/8", "1/4", "1/4"],
                  [8, 8, 4])
 
 
 def test_examples_coverage():
-    assert lk.segment_coverage(EXAMPLE_A, 4, 2).tolist() == [8, 14, 14, 14]
-    assert lk.segment_coverage(EXAMPLE_B, 4, 3).tolist() == [8, 16, 21, 24]
-    cov = lk.segment_coverage(EXAMPLE_C, 4, 2, lengths=LENGTHS_C)
+    assert lk.segment_coverage(ROWS_A, 4, 2).tolist() == [8, 14, 14, 14]
+    assert lk.segment_coverage(ROWS_B, 4, 3).tolist() == [8, 16, 21, 24]
+    cov = lk.segment_coverage(EXAMPLE_C, 4, 2, lengths=EXAMPLE_C_LENGTHS)
     assert cov.tolist() == [[3, 5, 6, 6], [4, 6, 6, 6]]
     assert lk.coverage_ratio(cov).tolist() == [7 / 12, 11 / 12, 1.0, 1.0]
 
@@ -97,22 +95,22 @@ def test_examples_coverage():
     ("lru", None, [2, 3, 6, 8]), ("lfu", None, [2, 4, 6, 8]), ("sch", 2, [2, 5, 6, 8]),
     ("belady", None, [2, 5, 7, 8]), ("sch", 1, [2, 3, 6, 8]), ("sch", 8, [2, 4, 7, 8])])
 def test_example_a_cache_hits(policy, seg_len, expected):
-    assert lk.cache_hits(EXAMPLE_A, 4, policy, seg_len=seg_len).tolist() == expected
-    cold = lk.cache_hits(EXAMPLE_A, 4, policy, seg_len=seg_len, free_slot_hits=False)
+    assert lk.cache_hits(ROWS_A, 4, policy, seg_len=seg_len).tolist() == expected
+    cold = lk.cache_hits(ROWS_A, 4, policy, seg_len=seg_len, free_slot_hits=False)
     assert cold.tolist() == [h - min(m, 4) for m, h in enumerate(expected, start=1)]
 
 
 def test_example_c_cache_curve_means_per_sequence_rates():
-    lru = lk.cache_curve(EXAMPLE_C, 4, "lru", lengths=LENGTHS_C)
+    lru = lk.cache_curve(EXAMPLE_C, 4, "lru", lengths=EXAMPLE_C_LENGTHS)
     assert lru.hits.tolist() == [[2, 3, 5, 5], [2, 5, 5, 5]]
     assert lru.num_references.tolist() == [5, 5] and lru.references == 10
     assert lru.hit_rate.tolist() == [0.4, 0.8, 1.0, 1.0]
-    assert lk.cache_curve(EXAMPLE_C, 4, "belady", lengths=LENGTHS_C).hit_rate.tolist() == [0.4, 0.9, 1.0, 1.0]
+    assert lk.cache_curve(EXAMPLE_C, 4, "belady", lengths=EXAMPLE_C_LENGTHS).hit_rate.tolist() == [0.4, 0.9, 1.0, 1.0]
 
 
 def test_cache_curve_bootstrap_with_explicit_weights():
     weights = torch.tensor([[2, 0, 1, 1], [0, 2, 1, 1]])
-    curve = lk.cache_curve(EXAMPLE_C, 4, "lru", lengths=LENGTHS_C, weights=weights, confidence=0.5)
+    curve = lk.cache_curve(EXAMPLE_C, 4, "lru", lengths=EXAMPLE_C_LENGTHS, weights=weights, confidence=0.5)
     # Replicates at m = 2 are 3/5, 1, 4/5, 4/5 (weighted means of 3/5 and 5/5); lp = 1, up = 3.
     assert curve.ci_low[1].item() == 2 * 0.8 - 1.0
     assert curve.ci_high[1].item() == 2 * 0.8 - 0.8

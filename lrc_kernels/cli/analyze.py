@@ -10,6 +10,7 @@ import torch
 
 from lrc_kernels.trace import RoutingTrace
 
+from .errors import require
 from .report import UsageError
 
 DATA_DIR = pathlib.Path(__file__).resolve().parent.parent / "data"
@@ -41,26 +42,87 @@ def check_device(device: str) -> torch.device:
     return resolved
 
 
-def load_model(model_dir: pathlib.Path, device: str):
-    """Model (eval mode, on ``device``) and tokenizer from a local directory, never the network."""
-    device = check_device(device)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_model(model_dir: pathlib.Path, device: str, *, dtype: str = "fp32", device_map: Optional[str] = None,
+               trust_remote_code: bool = False):
+    """Model (eval mode) and tokenizer from a local directory, never the network.
+
+    Args:
+        device: where the whole model goes, unless ``device_map`` is given.
+        dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"`` weights (the routing of bf16 models can differ from fp32's
+            on near ties; measure the dtype you serve).
+        device_map: ``"auto"`` shards a model larger than one device over the GPUs and the CPU (accelerate).
+        trust_remote_code: run the model's own Python code from its directory (off unless asked for).
+
+    Encoder-decoder models (``config.is_encoder_decoder``) load as sequence-to-sequence models; the others as
+    causal LMs.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
+    options = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+    if device_map is None:
+        device = check_device(device)
+    else:
+        require("accelerate", "hf", "--device-map")
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        model, loading = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True,
-                                                              output_loading_info=True)
-    except (OSError, ValueError, KeyError) as error:
-        raise UsageError(f"{model_dir}: cannot load the model: {str(error).splitlines()[0]}")
-    if loading.get("missing_keys"):
+        config = AutoConfig.from_pretrained(model_dir, **options)
+        auto_class = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, **options)
+        model, loading = auto_class.from_pretrained(model_dir, dtype=DTYPES[dtype], device_map=device_map,
+                                                    output_loading_info=True, **options)
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as error:
+        detail = " ".join(str(error).split())
+        if "trust_remote_code" in detail and not trust_remote_code:
+            raise UsageError(f"{model_dir}: the model needs its own code from the model directory; pass "
+                             "--trust-remote-code if you trust it")
+        if "ignore_mismatched_sizes" in detail:
+            raise UsageError(f"{model_dir}: weights of the checkpoint are of the wrong shape for its config.json "
+                             "(the checkpoint does not match its config)")
+        raise UsageError(f"{model_dir}: cannot load the model: {detail[:300]}")
+    if loading.get("missing_keys") or loading.get("mismatched_keys"):
         # Randomly initialised routers would be measured silently otherwise (warnings are muted above).
-        missing = sorted(loading["missing_keys"])
-        raise UsageError(f"{model_dir}: {len(missing)} weights missing from the checkpoint (e.g. {missing[0]}); "
-                         "it does not match this transformers version's model class")
-    return model.to(device).eval(), tokenizer
+        missing = sorted(map(str, loading.get("missing_keys") or loading.get("mismatched_keys")))
+        raise UsageError(f"{model_dir}: {len(missing)} weights missing from the checkpoint or of the wrong shape "
+                         f"(e.g. {missing[0]}); it does not match its config.json or this transformers version")
+    if device_map is None:
+        model = model.to(device)
+    return model.eval(), tokenizer
+
+
+def input_device(model) -> torch.device:
+    """Where the token ids go: the input embedding's device (the first shard under ``--device-map auto``)."""
+    embeddings = model.get_input_embeddings()
+    return embeddings.weight.device if embeddings is not None else next(model.parameters()).device
+
+
+def check_inputs(model, input_ids: torch.Tensor, seq_len: int, new_tokens: int = 0) -> list[str]:
+    """Refuse token ids the model cannot embed; return warnings (a context longer than the model's)."""
+    embeddings = model.get_input_embeddings()
+    vocab = embeddings.num_embeddings if embeddings is not None else getattr(model.config, "vocab_size", None)
+    largest = int(input_ids.max()) if input_ids.numel() else -1
+    if vocab is not None and largest >= vocab:
+        raise UsageError(f"the tokenizer gives token id {largest}, but the model embeds only {vocab} ids: the "
+                         "tokenizer does not belong to this model")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len + new_tokens > limit:
+        return [f"--seq-len {seq_len}{f' + --generate {new_tokens}' if new_tokens else ''} exceeds the model's "
+                f"max_position_embeddings = {limit}: positions beyond it are outside what the model was built for"]
+    return []
+
+
+def check_routers(model) -> None:
+    """Fail before any forward pass (and before a progress bar) when there is no router to record."""
+    from lrc_kernels.hf.routers import find_routers
+
+    try:
+        find_routers(model)
+    except ValueError as error:
+        raise UsageError(f"{str(error).splitlines()[0]} (lrc-kernels measures Mixture-of-Experts models)")
 
 
 def tokenize_text(tokenizer, text_path: pathlib.Path, seq_len: int, max_tokens: Optional[int]) -> torch.Tensor:
@@ -102,17 +164,19 @@ def generate_routing(model, input_ids: torch.Tensor, batch_size: int, new_tokens
         recorder = RoutingRecorder(model, accumulate=True)
     except ValueError as error:
         raise UsageError(f"--generate: {str(error).split(': ', 1)[-1]}")
-    device = next(model.parameters()).device
+    device = input_device(model)
     bar = _progress((input_ids.shape[0] + batch_size - 1) // batch_size, progress)
-    with torch.no_grad(), recorder:
-        for start in range(0, input_ids.shape[0], batch_size):
-            batch = input_ids[start:start + batch_size].to(device)
-            model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), max_new_tokens=new_tokens,
-                           do_sample=False, pad_token_id=pad_token_id)
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+    try:
+        with torch.no_grad(), recorder:
+            for start in range(0, input_ids.shape[0], batch_size):
+                batch = input_ids[start:start + batch_size].to(device)
+                model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), max_new_tokens=new_tokens,
+                               do_sample=False, pad_token_id=pad_token_id)
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
     return recorder.trace()
 
 
@@ -126,21 +190,28 @@ def record_routing(model, input_ids: torch.Tensor, batch_size: int, *, stage: Op
     """
     from lrc_kernels.hf.recorder import RoutingRecorder
 
-    device = next(model.parameters()).device
+    check_routers(model)
+    device = input_device(model)
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     per_site: dict = {}
     sites = None
     bar = _progress((input_ids.shape[0] + batch_size - 1) // batch_size, progress)
-    with torch.no_grad():
-        for start in range(0, input_ids.shape[0], batch_size):
-            with RoutingRecorder(model) as recorder:
-                model(input_ids=input_ids[start:start + batch_size].to(device))
-                for name, topk in recorder.routing().items():
-                    per_site.setdefault(name, []).append(topk.to("cpu", torch.int64))
-                sites = recorder.sites
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+    try:
+        with torch.no_grad():
+            for start in range(0, input_ids.shape[0], batch_size):
+                batch = input_ids[start:start + batch_size].to(device)
+                # an encoder-decoder model reads the text on both sides (teacher forcing): both stacks route it
+                inputs = {"input_ids": batch, "decoder_input_ids": batch} if encoder_decoder else {"input_ids": batch}
+                with RoutingRecorder(model) as recorder:
+                    model(**inputs)
+                    for name, topk in recorder.routing().items():
+                        per_site.setdefault(name, []).append(topk.to("cpu", torch.int64))
+                    sites = recorder.sites
+                if bar is not None:
+                    bar.update(1)
+    finally:  # an error's line must not be glued to a half-drawn bar
+        if bar is not None:
+            bar.close()
     if not sites:
         raise UsageError("the model has no router the recorder recognises (is it a Mixture-of-Experts model?)")
     stages = sorted({str(site.stage) for site in sites})

@@ -56,6 +56,13 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_positive_int, default=8, metavar="B",
                         help="sequences per forward pass (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="torch device for the model (default: %(default)s)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="weights' dtype (default: %(default)s); routing near ties can depend on it")
+    parser.add_argument("--device-map", choices=("auto",), default=None,
+                        help="'auto': shard a model larger than one device over the GPUs and the CPU "
+                             "(accelerate; replaces --device)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the Python code shipped in the model directory (off by default)")
     parser.add_argument("--stage", default=None,
                         help="stack to analyse when the routers span several (e.g. encoder, decoder)")
 
@@ -132,14 +139,17 @@ def _write_report(results: dict, args, started: float, expert=(None, None)) -> i
 
 
 def _analyze(args, started: float) -> int:
-    from .analyze import generate_routing, load_model, record_routing, resolve_model_dir, tokenize_text
+    from .analyze import check_inputs, generate_routing, load_model, record_routing, resolve_model_dir, tokenize_text
 
     model_dir = resolve_model_dir(args.model)
     if not args.text.is_file():
         raise UsageError(f"{args.text}: no such file")
-    model, tokenizer = load_model(model_dir, args.device)
+    model, tokenizer = load_model(model_dir, args.device, dtype=args.dtype, device_map=args.device_map,
+                                  trust_remote_code=args.trust_remote_code)
     expert = expert_size_for(args, model.config)
     input_ids = tokenize_text(tokenizer, args.text, args.seq_len, args.max_tokens)
+    for message in check_inputs(model, input_ids, args.seq_len, args.generate):
+        warn(message)
     if args.generate:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         trace = generate_routing(model, input_ids, args.batch_size, args.generate, pad_token_id=pad or 0,
@@ -179,6 +189,7 @@ def _run(args) -> int:
         from .analyze import SAMPLE_TEXT
 
         args.model, args.text, args.device, args.stage = "default", SAMPLE_TEXT, "cpu", None
+        args.dtype, args.device_map, args.trust_remote_code = "fp32", None, False
         args.generate, args.save_trace = 0, None
         args.seg_lens, args.confidence, args.seed, args.phase = list(DEFAULT_SEG_LENS), 0.95, 0, "all"
         args.cache_gib = args.cache_slots = args.expert_bytes = None

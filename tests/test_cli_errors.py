@@ -238,3 +238,15 @@ def test_one_layer_has_no_duplicate_model_row(capsys, tmp_path, trace_file):
                  "--out", str(tmp_path / "out"), "--no-plots"]) == 0
     rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:] if line.strip()]
     assert rows[0] == "0" and "model" not in rows
+
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["bars", "quiet"])
+def test_metric_phase_has_a_progress_bar_that_quiet_silences(capsys, monkeypatch, tmp_path, trace_file, quiet):
+    """On a terminal the metric phase draws a bar per stream (the layers, then the model level); --quiet none."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    argv = ["trace", str(trace_file), "--num-experts", "4", "--seg-lens", "2", "--num-bootstrap", "0",
+            "--out", str(tmp_path / "out"), "--no-plots"] + (["--quiet"] if quiet else [])
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert ("metrics of routing.jsonl" in err) != quiet
+    assert "Traceback" not in err

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pathlib
-import sys
 from typing import Optional
 
 import torch
@@ -11,6 +10,7 @@ import torch
 from lrc_kernels.trace import RoutingTrace
 
 from .errors import require
+from .progress import progress_bar
 from .report import UsageError
 
 DATA_DIR = pathlib.Path(__file__).resolve().parent.parent / "data"
@@ -142,14 +142,6 @@ def tokenize_text(tokenizer, text_path: pathlib.Path, seq_len: int, max_tokens: 
     return torch.tensor(ids[: num_seqs * seq_len], dtype=torch.int64).view(num_seqs, seq_len)
 
 
-def _progress(total: int, enabled: bool):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="batches", unit="batch", file=sys.stderr, disable=not enabled, leave=False)
-
-
 def generate_routing(model, input_ids: torch.Tensor, batch_size: int, new_tokens: int, *, pad_token_id: int,
                      progress: bool = True) -> RoutingTrace:
     """Greedy ``model.generate()`` of up to ``new_tokens`` tokens after each chunk of ``input_ids [S, T]``.
@@ -165,7 +157,7 @@ def generate_routing(model, input_ids: torch.Tensor, batch_size: int, new_tokens
     except ValueError as error:
         raise UsageError(f"--generate: {str(error).split(': ', 1)[-1]}")
     device = input_device(model)
-    bar = _progress((input_ids.shape[0] + batch_size - 1) // batch_size, progress)
+    bar = progress_bar((input_ids.shape[0] + batch_size - 1) // batch_size, "batches", "batch", progress)
     try:
         with torch.no_grad(), recorder:
             for start in range(0, input_ids.shape[0], batch_size):
@@ -195,7 +187,7 @@ def record_routing(model, input_ids: torch.Tensor, batch_size: int, *, stage: Op
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     per_site: dict = {}
     sites = None
-    bar = _progress((input_ids.shape[0] + batch_size - 1) // batch_size, progress)
+    bar = progress_bar((input_ids.shape[0] + batch_size - 1) // batch_size, "batches", "batch", progress)
     try:
         with torch.no_grad():
             for start in range(0, input_ids.shape[0], batch_size):

@@ -109,8 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_report(trace, args, meta: dict, started: float, expert=(None, None)) -> int:
     from lrc_kernels.analyze import analyze
 
+    from .progress import step_progress
+
     results = analyze(trace, seg_lens=args.seg_lens, num_bootstrap=args.num_bootstrap,
-                      confidence=args.confidence, seed=args.seed, phase=args.phase)
+                      confidence=args.confidence, seed=args.seed, phase=args.phase,
+                      progress=step_progress("metrics", not args.quiet))
     results["meta"].update(meta)
     return _write_report(results, args, started, expert)
 

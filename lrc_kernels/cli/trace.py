@@ -20,6 +20,7 @@ from lrc_kernels.io import FORMATS, ReadOptions, TraceReadWarning, expand_paths,
 from lrc_kernels._checks import MAX_EXPERTS
 
 from .errors import int_option
+from .progress import step_progress
 from .report import UsageError
 
 
@@ -89,7 +90,8 @@ def _file_statistics(path: pathlib.Path, args, options: ReadOptions):
 
     trace = read_trace(path, args.format, options)
     try:
-        return collect_statistics(trace, seg_lens=args.seg_lens, phase=args.phase)
+        return collect_statistics(trace, seg_lens=args.seg_lens, phase=args.phase,
+                                  progress=step_progress(f"metrics of {path.name}", not args.quiet))
     except (ValueError, TypeError) as error:   # the API's message names the field; add the file
         raise UsageError(f"{path}: {str(error).splitlines()[0]}")
 

@@ -132,3 +132,12 @@ def test_bench_recorder_decode_small_run_counts_no_host_read():
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert re.search(r"overhead \(wall\) [+-]\d+\.\d+ % +\(CPU\) [+-]\d+\.\d+ %", result.stdout), result.stdout
     assert "added by the recorder: 0 = 0.000 per forward pass" in result.stdout
+
+
+def test_bench_cache_skip_small_run_agrees_without_skips():
+    # The script asserts equal hits of the walk with and without block skips.
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_cache_skip.py"), "--shapes", "4x80",
+                             "--traces", "zipf", "--sequences", "1", "--tokens", "32", "--repeats", "1"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert len(re.findall(r"^4x80 +zipf .* \d+\.\d\dx$", result.stdout, flags=re.M)) == 6, result.stdout

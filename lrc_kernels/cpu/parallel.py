@@ -74,8 +74,11 @@ def slice_bounds(num_rows: int, work: int, num_threads: Optional[int] = None) ->
     ``work`` (slot references in the batch) bounds the slice count so that no slice is too small to pay for
     its thread.
     """
+    most_slices = min(num_rows, work // MIN_REFERENCES_PER_SLICE)
+    if most_slices <= 1:  # small batches (a monitor's) skip the affinity system call
+        return [0, num_rows]
     threads = get_num_threads() if num_threads is None else num_threads
-    slices = max(1, min(threads, num_rows, work // MIN_REFERENCES_PER_SLICE))
+    slices = max(1, min(threads, most_slices))
     return [num_rows * i // slices for i in range(slices + 1)]
 
 

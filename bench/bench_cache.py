@@ -171,6 +171,25 @@ def sequence_rows(topk, s):
     return [[x for x in row if x >= 0] for row in topk[s].tolist()]
 
 
+def other_stack_kernel(topk, lengths, num_experts, policy, seg_len, hits, args, clock, kernel_seconds):
+    """Time the CPU stack kernel that ``SCAN_MAX_SLOTS`` does not pick here (the walk at layer level, the
+    branch-free scan at model level) on the same input; its hits must be equal."""
+    from lrc_kernels.cpu import cache as cpu_cache
+
+    picked_scan = num_experts <= cpu_cache.SCAN_MAX_SLOTS
+    threshold = cpu_cache.SCAN_MAX_SLOTS
+    cpu_cache.SCAN_MAX_SLOTS = 0 if picked_scan else num_experts
+    try:
+        other_hits, other_seconds = best_of(
+            lambda: cpu_cache.cache_hits(topk, lengths, num_experts, policy, seg_len, True, "token"), args.repeats,
+            clock=clock)
+    finally:
+        cpu_cache.SCAN_MAX_SLOTS = threshold
+    assert torch.equal(other_hits, hits), (policy, seg_len)
+    return (f"; {'walk' if picked_scan else 'scan'} {other_seconds / topk.shape[0] * 1e3:.3f}ms "
+            f"({other_seconds / kernel_seconds:.2f}x the kernel)")
+
+
 def bench_level(name, topk, num_experts, python_sequences, args, device):
     num_sequences, num_tokens, num_slots = topk.shape
     clock = time.perf_counter if device.type == "cuda" else time.process_time
@@ -179,7 +198,7 @@ def bench_level(name, topk, num_experts, python_sequences, args, device):
           f"{num_experts} cache slots; per-sequence times, ratios = baseline / api")
     table = Table(("policy", 9), ("api", 9), ("kernel", 9), ("python 1-pass", 14), ("ratio", 7),
                   ("per-size sim", 13), ("ratio", 8))
-    print(table.format_row(table.titles) + "   api - kernel per call")
+    print(table.format_row(table.titles) + "   api - kernel per call; the CPU kernel not picked for this depth")
     topk_device = topk.to(device)
     lengths_device = torch.full((num_sequences,), num_tokens, dtype=torch.int64, device=device)
     backend = importlib.import_module(f"lrc_kernels.{args.backend}.cache")
@@ -210,13 +229,17 @@ def bench_level(name, topk, num_experts, python_sequences, args, device):
             assert python_per_size(rows, num_experts, size, policy, seg_len) == hits[0, size - 1].item()
         per_size_per_sequence = (clock() - start) / len(sampled_sizes) * num_experts
 
+        other = ""
+        if args.backend == "cpu" and policy != "lru":
+            other = other_stack_kernel(topk_device, lengths_device, num_experts, policy, seg_len, hits, args, clock,
+                                       kernel_seconds)
         label = policy if seg_len is None else f"sch({seg_len})"
         ratio = single_pass_per_sequence / api_per_sequence
         ratios.append((ratio, label))
         table.print_row(label, f"{api_per_sequence * 1e3:.3f}ms", f"{kernel_seconds / num_sequences * 1e3:.3f}ms",
                         f"{single_pass_per_sequence * 1e3:.1f}ms", f"{ratio:.0f}x", f"{per_size_per_sequence:.2f}s",
                         f"{per_size_per_sequence / api_per_sequence:.0f}x",
-                        suffix=f"   {(api_seconds - kernel_seconds) * 1e3:.2f}ms")
+                        suffix=f"   {(api_seconds - kernel_seconds) * 1e3:.2f}ms{other}")
     print(f"python 1-pass timed on {python_sequences} sequence(s); per-size sim on sequence 0 at "
           f"m in {sampled_sizes}, scaled to all {num_experts} sizes")
     goal = SPEED_GOALS[name]

@@ -37,6 +37,7 @@ import argparse
 import os
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -65,24 +66,38 @@ def cache_keys(seg_lens):
     return [(f"sch@{seg_len}", "sch", seg_len) for seg_len in seg_lens] + [(p, p, None) for p in POLICIES[1:]]
 
 
+class Instant(NamedTuple):
+    """Wall clock and process CPU time (all threads); differences are durations."""
+
+    wall: float
+    cpu: float
+
+    def __sub__(self, other):
+        return Instant(self.wall - other.wall, self.cpu - other.cpu)
+
+    def __add__(self, other):
+        return Instant(self.wall + other.wall, self.cpu + other.cpu)
+
+
 class Stages:
-    """Prints ``name  seconds  projected`` rows; ``projected`` = seconds x fraction."""
+    """Prints ``name  wall  cpu  projected wall  projected cpu`` rows; projected = measured x fraction x scale."""
 
     def __init__(self, fraction):
         self.fraction = fraction
-        self.total = 0.0
-        print(f"{'stage':<34} {'measured s':>11} {'projected s':>12}   (projected = measured x {fraction} x scale)")
+        print(f"{'stage':<34} {'wall s':>9} {'cpu s':>9} {'proj. wall':>11} {'proj. cpu':>10}"
+              f"   (projected = measured x {fraction} x scale; cpu = process CPU time, all threads)")
 
-    def row(self, name, seconds, scale=1.0):
-        projected = seconds * scale * self.fraction
-        print(f"{name:<34} {seconds:>11.3f} {projected:>12.1f}", flush=True)
-        return projected
+    def row(self, name, elapsed, scale=1.0):
+        factor = scale * self.fraction
+        print(f"{name:<34} {elapsed.wall:>9.3f} {elapsed.cpu:>9.3f} {elapsed.wall * factor:>11.1f} "
+              f"{elapsed.cpu * factor:>10.1f}", flush=True)
+        return Instant(elapsed.wall * factor, elapsed.cpu * factor)
 
 
 def synchronized(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter()
+    return Instant(time.perf_counter(), time.process_time())
 
 
 def run_analysis(args, topk, device, stages):
@@ -96,10 +111,10 @@ def run_analysis(args, topk, device, stages):
     layers_done = marks[-2]
     total += stages.row(f"2 layers ({args.layers}: srp, 7 caches, cov)", layers_done - start)
     total += stages.row("3 model level (7 caches, coverage)", marks[-1] - layers_done)
-    start = time.perf_counter()
+    start = synchronized(device)
     results = report(statistics, num_bootstrap=args.bootstrap, seed=args.seed)
-    total += stages.row(f"4 report (B = {args.bootstrap})", time.perf_counter() - start)
-    print(f"{'analyze, all stages':<34} {'':>11} {total:>12.1f}")
+    total += stages.row(f"4 report (B = {args.bootstrap})", synchronized(device) - start)
+    print(f"{'analyze, all stages':<34} {'':>9} {'':>9} {total.wall:>11.1f} {total.cpu:>10.1f}")
     return statistics, results
 
 
@@ -131,15 +146,15 @@ def breakdown(args, topk, statistics, device, stages):
     return ours_srp, srp_seconds
 
 
-def paper_comparison(args, topk, ours_srp, srp_seconds, results, stages):
+def paper_comparison(args, topk, ours_srp, srp_seconds, results, stages, device):
     """The paper's SRP method on every layer, checked against analyze's scores; time vs ours."""
     num_seqs = topk.shape[1]
     weights = lrc_kernels.resample_weights(num_seqs, args.bootstrap, torch.Generator().manual_seed(args.seed))
-    start = time.perf_counter()
+    start = synchronized(device)
     ours_scores = {seg_len: [score_sequences(h, weights, 0.95) for h in per_layer]
                    + [score_sequences(sum(per_layer), weights, 0.95)] for seg_len, per_layer in ours_srp.items()}
-    ours_seconds = srp_seconds + time.perf_counter() - start
-    start = time.perf_counter()
+    ours_seconds = srp_seconds + (synchronized(device) - start)
+    start = synchronized(device)
     paper_hists = [paper_method.layer_histograms(layer.cpu(), args.experts, args.seg_lens) for layer in topk]
     paper_scores = {}
     for seg_len in args.seg_lens:
@@ -149,7 +164,7 @@ def paper_comparison(args, topk, ours_srp, srp_seconds, results, stages):
             estimate = lrc_kernels.srp_score(per_sequence.sum(0)).best_f1
             replicates = lrc_kernels.srp_score(paper_method.bootstrap_replicates(per_sequence, weights)).best_f1
             paper_scores[seg_len].append((estimate, *basic_interval(estimate, replicates, 0.95)))
-    paper_seconds = time.perf_counter() - start
+    paper_seconds = synchronized(device) - start
     for seg_len in args.seg_lens:
         streams = results["layers"] + [results["model"]]
         for stream, ours, paper in zip(streams, ours_scores[seg_len], paper_scores[seg_len]):
@@ -160,7 +175,8 @@ def paper_comparison(args, topk, ours_srp, srp_seconds, results, stages):
     print(f"\nSRP, {args.layers} layers + model level, all L, B = {args.bootstrap} (scores equal to analyze's):")
     stages.row("paper's method", paper_seconds)
     stages.row("ours (pooled histograms + scores)", ours_seconds)
-    print(f"paper / ours: {paper_seconds / ours_seconds:.1f}x")
+    print(f"paper / ours: {paper_seconds.wall / ours_seconds.wall:.1f}x wall, "
+          f"{paper_seconds.cpu / ours_seconds.cpu:.1f}x cpu")
 
 
 def main():
@@ -204,7 +220,7 @@ def run(args):
     statistics, results = run_analysis(args, topk, device, stages)
     ours_srp, srp_seconds = breakdown(args, topk, statistics, device, stages)
     if not args.skip_paper:
-        paper_comparison(args, topk, ours_srp, srp_seconds, results, stages)
+        paper_comparison(args, topk, ours_srp, srp_seconds, results, stages, device)
     print(f"load average {os.getloadavg()}")
 
 

@@ -120,7 +120,8 @@ def test_bench_paper_scale_small_run_checks_every_stage():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     for stage in ("1 trace", "2 layers", "3 model level", "4 report", "belady model", "paper's method"):
-        assert re.search(rf"^{re.escape(stage)}.* \d+\.\d{{3}} +\d+\.\d$", result.stdout, flags=re.M), stage
+        assert re.search(rf"^{re.escape(stage)}.* \d+\.\d{{3}} +\d+\.\d{{3}} +\d+\.\d +\d+\.\d$", result.stdout,
+                         flags=re.M), stage
     assert "paper / ours:" in result.stdout
 
 

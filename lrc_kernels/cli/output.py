@@ -2,7 +2,8 @@
 
 Rules (docs/cli.md, "Output folder"):
 
-- ``--out`` is created if missing. A path that is a file, or a folder this user cannot write, fails at once.
+- ``--out`` is created (when the first file is written) if missing. A path that is a file, or a folder this
+  user cannot write, fails at once.
 - A folder that already holds something is refused unless ``--overwrite`` is given, so a typo cannot mix a new
   report with old files. With ``--overwrite`` the files the earlier report listed in its ``results.json``
   (``meta.outputs``) are removed first, so nothing of it is left that this run does not rewrite (e.g. its PNGs
@@ -24,8 +25,20 @@ from typing import Iterator, List
 from .report import UsageError
 
 MANIFEST = "results.json"
-# Temporary names start with this; they do not make a folder "not empty" (torchrun ranks probe it at once).
+# Temporary names start with this; they do not make a folder "not empty" (another rank may be writing).
 _OURS = ".lrc-"
+
+
+def _check_writable(path: pathlib.Path) -> None:
+    """``path`` (or, where it does not exist yet, its nearest existing ancestor) is a folder this user can
+    write; a run that fails later then leaves no empty ``--out`` behind."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--out {path}: cannot write there ({existing} is not a directory)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {path}: cannot write there ({existing} is not writable)")
 
 
 class OutputDir:
@@ -40,13 +53,7 @@ class OutputDir:
                                                         for entry in self.path.iterdir()):
             raise UsageError(f"--out {self.path}: the folder is not empty; pass --overwrite to replace the report "
                              "in it, or choose a new folder")
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            probe, probe_name = tempfile.mkstemp(dir=self.path, prefix=f"{_OURS}write-test-")
-            os.close(probe)
-            os.unlink(probe_name)
-        except OSError as error:
-            raise UsageError(f"--out {self.path}: cannot write there ({error.strerror or error})")
+        _check_writable(self.path)
         self._stale = self._earlier_report_files() if overwrite else []
 
     def _earlier_report_files(self) -> List[str]:
@@ -64,6 +71,7 @@ class OutputDir:
 
     def remove_stale(self) -> None:
         """Remove the earlier report's files (links themselves, never their targets) before writing anew."""
+        self._create()
         for name in self._stale:
             target = self.path / name
             if target.is_symlink() or target.is_file():
@@ -73,6 +81,7 @@ class OutputDir:
     @contextlib.contextmanager
     def writing(self, name: str) -> Iterator[pathlib.Path]:
         """A temporary path in the folder to write ``name`` to; renamed to ``name`` when the block succeeds."""
+        self._create()
         final = self.path / name
         handle, temporary = tempfile.mkstemp(dir=self.path, prefix=f"{_OURS}{final.stem}-", suffix=f".tmp{final.suffix}")
         os.close(handle)
@@ -84,6 +93,12 @@ class OutputDir:
                 os.unlink(temporary)
             raise
         self.written.append(final)
+
+    def _create(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(f"--out {self.path}: cannot create it ({error.strerror or error})")
 
     def write_text(self, name: str, text: str) -> pathlib.Path:
         with self.writing(name) as temporary:

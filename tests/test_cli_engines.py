@@ -62,16 +62,17 @@ def rng():
 
 
 def engine_files(directory, rng):
-    """One file per format and the source trace each must give."""
+    """One file per format and the source trace each must give; some prompt and some generated part is at least
+    max(SEG_LENS) = 5 tokens long, so every SRP of the prefill and decode reports is defined."""
     files = {}
-    requests = [(4, random_rows(rng, [4 + 5 - 1, 4 + 2 - 1], L, K, E)), (6, random_rows(rng, [6 + 3 - 1], L, K, E))]
+    requests = [(4, random_rows(rng, [4 + 7 - 1, 4 + 2 - 1], L, K, E)), (6, random_rows(rng, [6 + 3 - 1], L, K, E))]
     write_vllm(directory / "vllm.jsonl", requests)
     files["vllm"] = (directory / "vllm.jsonl", [], source_trace([r for _, c in requests for r in c], [4, 4, 6]))
     shared = [(p, [c[0]] + [np.concatenate([c[0][:p], r[p:]]) for r in c[1:]]) for p, c in requests]
     write_vllm_021(directory / "v021.jsonl", shared)
     files["vllm-0.21"] = (directory / "v021.jsonl", [],
                           source_trace([r for _, c in shared for r in c], [4, 4, 6]))
-    sgl = [(3, random_rows(rng, [3 + 4 - 1], L, K, E)[0]), (5, random_rows(rng, [5 + 2 - 1], L, K, E)[0])]
+    sgl = [(3, random_rows(rng, [3 + 7 - 1], L, K, E)[0]), (5, random_rows(rng, [5 + 2 - 1], L, K, E)[0])]
     write_sglang(directory / "sglang.jsonl", sgl)
     files["sglang"] = (directory / "sglang.jsonl", ["--num-layers", L, "--top-k", K],
                        source_trace([r for _, r in sgl], [3, 5]))
@@ -79,13 +80,13 @@ def engine_files(directory, rng):
     write_megatron(directory / "router_trace_rank0.jsonl", [[batch]], [0, 1, 2], K)
     files["megatron"] = (directory / "router_trace_rank0.jsonl", ["--micro-batch-size", 2],
                          source_trace(list(batch)))
-    one = random_rows(rng, [3, 4], L, K, E)   # two requests: prefill [3, 4] tokens, then 2 decode passes
-    passes = [(1, [0, 1, 2, 0, 1, 2, 3], [3, 4], np.concatenate([one[0], one[1]]))]
-    decode = random_rows(rng, [2, 2], L, K, E)
-    passes += [(2, [3 + j, 4 + j], None, np.stack([decode[0][j], decode[1][j]])) for j in range(2)]
+    one = random_rows(rng, [3, 5], L, K, E)   # two requests: prefill [3, 5] tokens, then 5 decode passes
+    passes = [(1, [0, 1, 2, 0, 1, 2, 3, 4], [3, 5], np.concatenate([one[0], one[1]]))]
+    decode = random_rows(rng, [5, 5], L, K, E)
+    passes += [(2, [3 + j, 5 + j], None, np.stack([decode[0][j], decode[1][j]])) for j in range(5)]
     write_sglang_dump(directory / "dump.pt", passes, np.arange(E)[None].repeat(L, 0))
     files["sglang-dump"] = (directory / "dump.pt", [],
-                            source_trace([np.concatenate([one[s], decode[s]]) for s in range(2)], [3, 4]))
+                            source_trace([np.concatenate([one[s], decode[s]]) for s in range(2)], [3, 5]))
     return files
 
 
@@ -186,7 +187,7 @@ def test_malformed_engine_inputs_give_one_line_naming_file_record_and_field(tmp_
         assert code == 1, argv
         assert captured.out == "" and captured.err.count("\n") == 1, captured.err
         assert captured.err.startswith("lrc-kernels: error: ") and message in captured.err, (message, captured.err)
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out" / "results.json").exists()
 
 
 def test_torchrun_rank_with_a_file_that_does_not_fit_fails_every_rank_with_one_line(tmp_path, rng):
@@ -204,7 +205,8 @@ def test_torchrun_rank_with_a_file_that_does_not_fit_fails_every_rank_with_one_l
                       "Statistics.layer_names: expected equal values to add statistics, received "
                       "('layer 0', 'layer 1', 'layer 2') and ('layer 0', 'layer 1', 'layer 2', 'layer 3')"], done.stderr
     # torchrun itself reports the failed ranks (with its launcher's traceback); none comes from lrc_kernels.
-    assert "lrc_kernels/" not in done.stderr and not (tmp_path / "out").exists()
+    assert "lrc_kernels/" not in done.stderr, done.stderr
+    assert not (tmp_path / "out" / "results.json").exists()
 
 
 def test_progress_bar_on_a_terminal_counts_the_files_bytes(tmp_path, rng, capsys, monkeypatch):

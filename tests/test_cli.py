@@ -380,6 +380,7 @@ def test_plots_doc_images_exist_and_match_the_plot_files():
     text = (ROOT / "docs" / "plots.md").read_text()
     images = re.findall(r"!\[[^\]]*\]\((img/[^)]+)\)", text)
     assert [Path(image).name for image in images] == ["demo_srp_vs_L.png", "demo_cache_curves.png",
-                                                      "demo_srp_heatmap.png"]
+                                                      "demo_srp_heatmap.png", "layers24_srp_vs_L.png",
+                                                      "layers24_cache_curves.png", "layers24_srp_heatmap.png"]
     for image in images:
         assert (ROOT / "docs" / image).read_bytes().startswith(b"\x89PNG")

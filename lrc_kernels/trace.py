@@ -12,13 +12,13 @@ import json
 import os
 import pathlib
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ._checks import check_choice, check_int, check_int_tensor, check_lengths, check_topk
+from ._files import set_plain_mode, temporary_file
 
 PREFILL, DECODE = 0, 1
 PHASES = ("all", "prefill", "decode")
@@ -213,10 +213,10 @@ class RoutingTrace:
         tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
         header = {"format_version": FORMAT_VERSION, "num_experts": self.num_experts,
                   "layer_names": self.layer_names, "meta": self.meta}
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(handle)
+        temporary = temporary_file(path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             save_file(tensors, temporary, metadata={METADATA_KEY: json.dumps(header)})
+            set_plain_mode(temporary)  # save_file writes a new file of mode 0600
             os.replace(temporary, path)
         except BaseException:
             os.unlink(temporary)

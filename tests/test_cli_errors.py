@@ -186,6 +186,38 @@ def test_out_that_is_a_file_fails_first(capsys, tmp_path):
     assert_one_error(code, lines, 1, f"--out {taken / 'sub'}: cannot write there")
 
 
+def test_failed_run_creates_no_out_folder_and_keeps_the_users_own(capsys, tmp_path):
+    missing = tmp_path / "missing.jsonl"
+    code, lines = run_in_process(capsys, "trace", missing, "--num-experts", 4, "--out", tmp_path / "new" / "report")
+    assert_one_error(code, lines, 1, "no such file")
+    assert not (tmp_path / "new" / "report").exists()
+    (tmp_path / "mine").mkdir()
+    run_in_process(capsys, "trace", missing, "--num-experts", 4, "--out", tmp_path / "mine")
+    assert (tmp_path / "mine").is_dir()  # the user's own empty folder stays
+
+
+def test_report_files_get_the_umask_mode_not_0600(capsys, tmp_path, trace_file):
+    mask = os.umask(0o022)
+    try:
+        out = tmp_path / "report"
+        assert run_in_process(capsys, "trace", trace_file, "--num-experts", 4, "--num-bootstrap", 0,
+                              "--out", out, "--no-plots", "--quiet")[0] == 0
+    finally:
+        os.umask(mask)
+    assert {oct(path.stat().st_mode & 0o777) for path in out.iterdir()} == {oct(0o644)}
+
+
+def test_analyze_text_or_save_trace_that_is_a_directory_fails_before_the_model_runs(capsys, tmp_path):
+    pytest.importorskip("transformers")
+    code, lines = run_in_process(capsys, "analyze", "default", "--text", tmp_path, "--out", tmp_path / "a")
+    assert_one_error(code, lines, 1, f"{tmp_path}: is a directory, not a text file")
+    text = tmp_path / "text.txt"
+    text.write_text("hello world\n")
+    code, lines = run_in_process(capsys, "analyze", "default", "--text", text, "--save-trace", tmp_path,
+                                 "--out", tmp_path / "b")
+    assert_one_error(code, lines, 1, f"--save-trace {tmp_path}: is a directory")
+
+
 def test_non_empty_out_needs_overwrite_which_removes_stale_files(capsys, tmp_path, trace_file):
     out = tmp_path / "report"
     common = ["trace", trace_file, "--num-experts", 4, "--num-bootstrap", 0, "--seg-lens", 2, "--quiet"]

@@ -1,6 +1,7 @@
 """RoutingTrace: validation naming the field, select/concat against plain loops, bit-for-bit save/load."""
 
 import json
+import os
 import struct
 
 import pytest
@@ -215,6 +216,15 @@ def test_failed_save_leaves_no_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         trace.save(tmp_path / "no-such-folder" / "t.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_saved_file_gets_the_umask_mode_not_0600(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        RoutingTrace(torch.zeros(1, 1, 2, 1, dtype=torch.long), num_experts=1).save(tmp_path / "t.safetensors")
+    finally:
+        os.umask(mask)
+    assert oct((tmp_path / "t.safetensors").stat().st_mode & 0o777) == oct(0o644)
 
 
 def test_repr_summarises():

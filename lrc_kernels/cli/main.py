@@ -134,6 +134,8 @@ def _write_report(results: dict, args, started: float, expert=(None, None)) -> i
         paths += write_plots(results, top_k, args.output, title)
         paths += write_plan_plot(results, args.output, title)
     paths = write_results(results, args.output) + paths
+    if results["meta"].get("saved_trace"):
+        paths.append(results["meta"]["saved_trace"])
     if not args.quiet:
         print(summary_table(results, top_k))
         print(plan_block(results["plan"]))
@@ -146,7 +148,8 @@ def _analyze(args, started: float) -> int:
 
     model_dir = resolve_model_dir(args.model)
     if not args.text.is_file():
-        raise UsageError(f"{args.text}: no such file")
+        problem = "is a directory, not a text file" if args.text.is_dir() else "no such file"
+        raise UsageError(f"{args.text}: {problem}")
     model, tokenizer = load_model(model_dir, args.device, dtype=args.dtype, device_map=args.device_map,
                                   trust_remote_code=args.trust_remote_code)
     expert = expert_size_for(args, model.config)
@@ -181,6 +184,9 @@ def _check_before_work(args) -> None:
         bootstrap_indices(args.num_bootstrap, args.confidence)
     if args.command == "analyze":
         require("transformers", "cli", "analyze (a Hugging Face model)")
+        if args.save_trace is not None and args.save_trace.is_dir():
+            raise UsageError(f"--save-trace {args.save_trace}: is a directory; give a file path such as "
+                             f"{args.save_trace / 'routing.safetensors'}")
     if not args.no_plots:
         require("matplotlib", "cli", "the plots (or pass --no-plots)")
     args.output = OutputDir(args.out, overwrite=args.overwrite)

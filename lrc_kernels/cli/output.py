@@ -19,9 +19,9 @@ import contextlib
 import json
 import os
 import pathlib
-import tempfile
 from typing import Iterator, List
 
+from .._files import temporary_file
 from .report import UsageError
 
 MANIFEST = "results.json"
@@ -83,8 +83,7 @@ class OutputDir:
         """A temporary path in the folder to write ``name`` to; renamed to ``name`` when the block succeeds."""
         self._create()
         final = self.path / name
-        handle, temporary = tempfile.mkstemp(dir=self.path, prefix=f"{_OURS}{final.stem}-", suffix=f".tmp{final.suffix}")
-        os.close(handle)
+        temporary = temporary_file(self.path, prefix=f"{_OURS}{final.stem}-", suffix=f".tmp{final.suffix}")
         try:
             yield pathlib.Path(temporary)
             os.replace(temporary, final)  # replaces a link at ``final``, never writes through it

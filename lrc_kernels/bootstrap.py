@@ -51,6 +51,13 @@ def _minimum_replicates(tail: float) -> int:
     return minimum
 
 
+def check_weights_fit(num_seqs: int, num_bootstrap: int) -> None:
+    """Refuse B replicates over S sequences whose weights would not fit in memory (before drawing them, or
+    before the work that needs them: the CLI calls it once S is known)."""
+    # the draws, the counts and their transposed copy: three int64 [B, S] arrays
+    check_allocation((3, num_bootstrap, num_seqs), "num_bootstrap", "bootstrap weights 3 x [B, S]")
+
+
 def resample_weights(num_seqs: int, num_bootstrap: int,
                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Multinomial bootstrap weights: column b counts S draws with replacement from ``0..S-1``.
@@ -64,8 +71,7 @@ def resample_weights(num_seqs: int, num_bootstrap: int,
     """
     num_seqs = check_int(num_seqs, "num_seqs", minimum=0)
     num_bootstrap = check_int(num_bootstrap, "num_bootstrap", minimum=0)
-    # the draws, the counts and their transposed copy: three int64 [B, S] arrays
-    check_allocation((3, num_bootstrap, num_seqs), "num_bootstrap", "bootstrap weights 3 x [B, S]")
+    check_weights_fit(num_seqs, num_bootstrap)
     weights = torch.zeros(num_bootstrap, num_seqs, dtype=torch.int64)
     if num_seqs > 0:
         draws = torch.randint(0, num_seqs, (num_bootstrap, num_seqs), generator=generator)

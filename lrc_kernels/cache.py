@@ -107,6 +107,7 @@ def cache_curve(topk: torch.Tensor, num_experts: int, policy: str, *, seg_len: O
         confidence: CI level in (0, 1).
         generator: torch.Generator for the resampling weights.
         weights: explicit int ``[S, B]`` weight matrix (share it across policies for paired comparisons).
+            Every column must draw at least one sequence and total below 2^52 (``ValueError`` naming ``weights``).
 
     Returns:
         :class:`CacheCurve`.

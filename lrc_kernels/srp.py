@@ -267,6 +267,7 @@ def srp(topk: Union[torch.Tensor, Sequence[torch.Tensor]], num_experts: int, seg
         confidence: CI level in (0, 1).
         generator: torch.Generator for the resampling weights.
         weights: explicit int ``[S, B]`` weight matrix (shared across calls for paired comparisons).
+            Every column must draw at least one sequence and total below 2^52 (``ValueError`` naming ``weights``).
         backend: ``"auto"``, ``"cpu"`` or ``"triton"``.
 
     Returns:

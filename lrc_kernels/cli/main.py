@@ -144,6 +144,8 @@ def _write_report(results: dict, args, started: float, expert=(None, None)) -> i
 
 
 def _analyze(args, started: float) -> int:
+    from lrc_kernels.bootstrap import check_weights_fit
+
     from .analyze import check_inputs, generate_routing, load_model, record_routing, resolve_model_dir, tokenize_text
 
     model_dir = resolve_model_dir(args.model)
@@ -156,6 +158,7 @@ def _analyze(args, started: float) -> int:
     input_ids = tokenize_text(tokenizer, args.text, args.seq_len, args.max_tokens)
     for message in check_inputs(model, input_ids, args.seq_len, args.generate):
         warn(message)
+    check_weights_fit(input_ids.shape[0], args.num_bootstrap)  # before the model runs, not after
     if args.generate:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         trace = generate_routing(model, input_ids, args.batch_size, args.generate, pad_token_id=pad or 0,

@@ -136,7 +136,8 @@ def test_plan_errors_are_one_line_naming_the_option(traced, tmp_path, capsys):
     unsized.pop("plan")
     (tmp_path / "unsized.json").write_text(json.dumps(unsized))
     cases = [
-        (["plan", str(tmp_path / "missing.json")], "missing.json: cannot read a results.json"),
+        (["plan", str(tmp_path / "missing.json")],
+         "missing.json: cannot read a results.json: No such file or directory"),
         (["plan", str(tmp_path / "bad.json")], "bad.json: cannot read a results.json"),
         (["plan", str(tmp_path / "llama.json")], "expected a results.json of lrc-kernels"),
         (["plan", str(tmp_path / "stale.json")], "has no integer 'hits' and 'references'"),

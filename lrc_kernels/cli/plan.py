@@ -195,7 +195,8 @@ def run_plan_command(args) -> int:
     try:
         results = json.loads(args.results.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UsageError(f"{args.results}: cannot read a results.json: {error}") from None
+        reason = getattr(error, "strerror", None) or error  # an OSError without its repeated file name
+        raise UsageError(f"{args.results}: cannot read a results.json: {reason}") from None
     if not isinstance(results, dict) or not {"layers", "model", "meta"} <= set(results) or not results["layers"]:
         raise UsageError(f"{args.results}: expected a results.json of lrc-kernels analyze/trace/demo "
                          "(with 'layers', 'model' and 'meta')")

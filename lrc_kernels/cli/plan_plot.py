@@ -44,7 +44,7 @@ def plot_plan(results: dict, path: pathlib.Path, title: str) -> None:
                 Line2D([], [], color="gray", linewidth=1.0, linestyle="--", marker=".", label="same size per layer")]
     budget = plan["budget"]["slots"] * scale
     axes.axvline(budget, color="gray", linewidth=0.8, linestyle=":")
-    axes.text(budget, 1.0, f" budget: {plan['budget']['source']}", fontsize="x-small", color="gray", ha="left",
+    axes.text(budget, 1.0, f" budget ({plan['budget']['source']})", fontsize="x-small", color="gray", ha="left",
               va="top")
     axes.set_xlabel(label)
     axes.set_ylabel("model hit rate (pooled over layers)")

@@ -260,6 +260,12 @@ class RoutingTrace:
             raise ValueError(f"{path}: {error}") from None
 
     @staticmethod
+    def read_meta(path) -> Optional[dict]:
+        """The ``meta`` of a trace file (its header only, no tensors); ``None`` when ``path`` is not a trace."""
+        header = _read_trace_header(pathlib.Path(path))
+        return None if header is None else header.get("meta")
+
+    @staticmethod
     def is_trace_file(path) -> bool:
         """Whether ``path`` is a trace written by :meth:`save` (reads the header only)."""
         try:

@@ -53,8 +53,11 @@ def test_doc_command_prints_the_doc_table_and_saves_the_trace(tmp_path, monkeypa
     argv = shlex.split(trace_command)
     assert argv[:2] == ["lrc-kernels", "trace"] and main(argv[1:] + ["--quiet"]) == 0
     from_file = json.loads((tmp_path / "report-trace" / "results.json").read_text())
-    for key in ("layers", "model", "phases"):
+    for key in ("layers", "model", "phases", "plan"):
         assert from_file[key] == results[key]
+    # The plan is in bytes in both: the trace file carries the model's expert size.
+    assert results["plan"]["expert_bytes"] is not None
+    assert trace.meta["expert_bytes"] == results["plan"]["expert_bytes"]
 
 
 def test_phase_option_reports_the_selected_tokens(tmp_path):

@@ -51,7 +51,7 @@ def assert_same_trace(a: RoutingTrace, b: RoutingTrace) -> None:
 def test_save_load_round_trip_is_bit_for_bit(tmp_path_factory, trace):
     path = tmp_path_factory.mktemp("trace") / "routing.safetensors"
     trace.save(path)
-    assert RoutingTrace.is_trace_file(path)
+    assert RoutingTrace.is_trace_file(path) and RoutingTrace.read_meta(path) == trace.meta
     assert_same_trace(RoutingTrace.load(path), trace)
     assert [p.name for p in path.parent.iterdir()] == ["routing.safetensors"]
 
@@ -166,7 +166,7 @@ def test_load_rejects_files_that_are_not_traces(tmp_path):
     assert not RoutingTrace.is_trace_file(text)
     plain = tmp_path / "plain.safetensors"
     write_safetensors(plain, {"topk": torch.zeros(1, 1, 1, 1, dtype=torch.long)}, {})
-    assert not RoutingTrace.is_trace_file(plain)
+    assert not RoutingTrace.is_trace_file(plain) and RoutingTrace.read_meta(plain) is None
     with pytest.raises(ValueError, match="plain.safetensors: not a RoutingTrace file"):
         RoutingTrace.load(plain)
     with pytest.raises(ValueError, match="missing.safetensors: cannot read"):

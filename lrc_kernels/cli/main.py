@@ -169,7 +169,8 @@ def _analyze(args, started: float) -> int:
             "text": str(args.text), "tokens": int(input_ids.numel()), "generate": args.generate,
             "title": f"{model_dir.name} on {args.text.name}"}
     if args.save_trace is not None:
-        trace.meta.update(meta)
+        # The expert size travels with the trace, so `trace FILE` plans in bytes as this run does.
+        trace.meta.update(meta, expert_bytes=expert[0], expert_size_rule=expert[1])
         args.save_trace.parent.mkdir(parents=True, exist_ok=True)
         trace.save(args.save_trace)
         meta["saved_trace"] = str(args.save_trace)
@@ -214,8 +215,9 @@ def _run(args) -> int:
     _check_before_work(args)
     if args.command == "analyze":
         return _analyze(args, started)
-    expert = expert_size_for(args, args.model_config)
-    from .trace import run
+    from .trace import run, saved_expert_size
+
+    expert = expert_size_for(args, args.model_config, saved=saved_expert_size(args.files))
 
     try:
         results = run(args)

@@ -15,7 +15,8 @@ import warnings
 from dataclasses import replace
 from typing import Optional
 
-from lrc_kernels.io import FORMATS, ReadOptions, TraceReadWarning, expand_paths, options_from_model_config, read_trace
+from lrc_kernels.io import (FORMATS, ReadOptions, TraceReadError, TraceReadWarning, expand_paths,
+                            options_from_model_config, read_trace)
 
 from lrc_kernels._checks import MAX_EXPERTS
 
@@ -45,6 +46,25 @@ def add_arguments(parser: argparse.ArgumentParser, positive_int) -> None:
                              "size of the cache plan")
     parser.add_argument("--micro-batch-size", type=positive_int, default=None, metavar="B",
                         help="Megatron: sequences per micro-batch, to split its [s, b] token order")
+
+
+def saved_expert_size(specs) -> Optional[dict]:
+    """The expert size that ``lrc-kernels analyze --save-trace`` stored in trace files, when all of them agree.
+
+    Reads only the headers of files written by ``RoutingTrace.save``; ``None`` when any file is of another
+    format or the files disagree, so that the size is never taken from part of a workload.
+    """
+    from lrc_kernels.trace import RoutingTrace
+
+    try:
+        metas = [RoutingTrace.read_meta(path) for path in expand_paths(specs)]
+    except (TraceReadError, ValueError):
+        return None  # reading the files reports the problem itself, with its context
+    sizes = {(m.get("expert_bytes"), m.get("expert_size_rule")) if isinstance(m, dict) else None for m in metas}
+    if len(sizes) != 1 or None in sizes:
+        return None
+    ((expert_bytes, rule),) = sizes
+    return {"expert_bytes": expert_bytes, "expert_size_rule": rule}
 
 
 def read_options(args) -> ReadOptions:

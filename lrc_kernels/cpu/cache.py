@@ -82,6 +82,19 @@ def _next_uses(topk, s, num_tokens, num_experts, next_use, upcoming):
                 upcoming[x] = n
 
 
+@numba.njit(inline="always")
+def _prepare_keys(topk, s, num_tokens, num_experts, policy, seg_len, next_use, upcoming, count):
+    """Per-sequence key state before the first token: Belady's next uses, or SCH's counts of tokens 0..L-1."""
+    if policy == _BELADY:
+        _next_uses(topk, s, num_tokens, num_experts, next_use, upcoming)
+    elif policy == _SCH:
+        for t in range(min(seg_len, num_tokens)):
+            for j in range(topk.shape[2]):
+                x = topk[s, t, j]
+                if x >= 0:
+                    count[x] += 1
+
+
 @numba.njit(cache=True, nogil=True)
 def _lru_depth_hits(topk, lengths, hits, num_experts, free_slot_hits, sequential):
     num_sequences, _, num_slots = topk.shape
@@ -153,14 +166,7 @@ def _stack_depth_hits(topk, lengths, hits, num_experts, policy, seg_len, free_sl
         at_depth[:] = 0
         block_low[:] = _ABOVE_EVERY_KEY
         depth_of_new = 0  # |P|
-        if policy == _BELADY:
-            _next_uses(topk, s, num_tokens, num_experts, next_use, upcoming)
-        elif policy == _SCH:
-            for t in range(min(seg_len, num_tokens)):
-                for j in range(num_slots):
-                    x = topk[s, t, j]
-                    if x >= 0:
-                        count[x] += 1
+        _prepare_keys(topk, s, num_tokens, num_experts, policy, seg_len, next_use, upcoming, count)
 
         n = 0
         for i in range(num_tokens):
@@ -269,14 +275,7 @@ def _scan_depth_hits(topk, lengths, hits, num_experts, policy, seg_len, free_slo
         key[:] = 0
         at_depth[:] = 0
         num_seen = 0
-        if policy == _BELADY:
-            _next_uses(topk, s, num_tokens, num_experts, next_use, upcoming)
-        elif policy == _SCH:
-            for t in range(min(seg_len, num_tokens)):
-                for j in range(num_slots):
-                    x = topk[s, t, j]
-                    if x >= 0:
-                        count[x] += 1
+        _prepare_keys(topk, s, num_tokens, num_experts, policy, seg_len, next_use, upcoming, count)
         n = 0
         for i in range(num_tokens):
             if not sequential:

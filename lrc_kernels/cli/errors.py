@@ -71,6 +71,20 @@ def int_option(minimum: int, maximum: int = (1 << 63) - 1) -> Callable[[str], in
     return parse
 
 
+def fraction_option(text: str) -> float:
+    """An argparse ``type`` for a number strictly between 0 and 1 (a confidence level)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text[:40]!r}") from None
+    if not 0.0 < value < 1.0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text[:40]}")
+    return value
+
+
+fraction_option.__name__ = "number"  # argparse names the type in its messages
+
+
 def run_guarded(body: Callable[[], int]) -> int:
     """Run one command; expected failures become one line and an exit status (see the module docstring)."""
     try:

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 from lrc_kernels.plan_bytes import DEFAULT_BANDWIDTH_GBS
 
-from .errors import Parser, UsageError, int_option, require, run_guarded, warn
+from .errors import Parser, UsageError, fraction_option, int_option, require, run_guarded, warn
 from .plan import (add_plan, add_plan_command, add_plan_options, expert_size_for, plan_block, run_plan_command,
                    write_plan_plot)
 from .trace import ReportedByRankZero, add_arguments as add_trace_arguments
@@ -29,7 +29,8 @@ def _add_report_options(parser: argparse.ArgumentParser, *, num_bootstrap: int =
                         help="segment lengths L for SRP, SCH look-ahead and coverage (default: %(default)s)")
     parser.add_argument("--num-bootstrap", type=_non_negative_int, default=num_bootstrap, metavar="B",
                         help="bootstrap replicates over sequences for the CIs, 0 = none (default: %(default)s)")
-    parser.add_argument("--confidence", type=float, default=0.95, help="CI level (default: %(default)s)")
+    parser.add_argument("--confidence", type=fraction_option, default=0.95,
+                        help="CI level, in (0, 1) (default: %(default)s)")
     parser.add_argument("--seed", type=int_option(-(1 << 63)), default=0,
                         help="seed of the bootstrap weights (default: %(default)s)")
     parser.add_argument("--phase", choices=("all", "prefill", "decode"), default="all",

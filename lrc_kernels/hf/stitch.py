@@ -8,11 +8,14 @@ reading tensor values is allowed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
 from lrc_kernels.trace import RoutingTrace
+
+if TYPE_CHECKING:  # only named in an annotation (postponed by the __future__ import)
+    from .routers import RouterSite
 
 
 @dataclass

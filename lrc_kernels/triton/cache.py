@@ -27,7 +27,8 @@ Two kernels, picked by E:
   push-down only touches lanes ``0..d``, so it runs over ``d // CHUNK + 1`` chunks of lanes, each one
   scan whose exclusive minimum is combined with the minimum carried from the chunks before it.
 
-Belady's next-use times are computed by ``next_use_times`` with torch (one backward pass over tokens).
+Belady's next-use times are computed by ``next_use_times`` (``next_use.py``) with torch (one backward pass
+over tokens).
 Packed values must stay below 2^62, so LFU and SCH need ``2*log2(B) + log2(E_PAD) <= 62`` (about 16M
 references per sequence at E_PAD = 8192); :func:`lrc_kernels.triton.cache_key_bits` computes B and
 ``lrc_kernels.triton.supports`` declines larger inputs, which then run on the CPU backend.
@@ -45,6 +46,7 @@ import triton
 import triton.language as tl
 
 from . import cache_key_bits
+from .next_use import next_use_times
 
 REGISTER_STACK_MAX_LANES = 256
 _POLICY_CODES = {"lru": 0, "lfu": 1, "sch": 2, "belady": 3}
@@ -301,32 +303,6 @@ def _cache_depth_chunked_kernel(
             value = tl.load(stack_ptr + ahead_slot, mask=cached, other=0)
             tl.store(stack_ptr + ahead_slot, value + ((time * 0 + 1) << (log_b + LOG_E_PAD)), mask=cached)
             tl.debug_barrier()
-
-
-def next_use_times(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Belady's next-use time of every slot.
-
-    Args:
-        topk: int32 ``[S, T, k]``, ids in ``[-1, E)``.
-        lengths: int64 ``[S]``.
-        num_experts: E.
-
-    Returns:
-        int64 ``[S, T, k]``: for a reference x at time n (references numbered token-major within the first
-        ``lengths[s]`` tokens), the time of x's next reference, or ``N_s + 1 + x`` if there is none.
-        Entries of -1 slots and of tokens past the length are unspecified.
-    """
-    num_sequences, max_tokens, num_slots = topk.shape
-    valid = (topk >= 0) & (torch.arange(max_tokens, device=topk.device)[None, :, None] < lengths[:, None, None])
-    times = valid.reshape(num_sequences, -1).cumsum(1).reshape(valid.shape) - 1
-    # column E collects the -1 slots
-    experts = torch.where(valid, topk.long(), num_experts)
-    later = valid.sum((1, 2))[:, None] + 1 + torch.arange(num_experts + 1, device=topk.device)[None, :]
-    next_use = torch.empty(topk.shape, dtype=torch.int64, device=topk.device)
-    for t in range(max_tokens - 1, -1, -1):
-        next_use[:, t] = later.gather(1, experts[:, t])
-        later.scatter_(1, experts[:, t], times[:, t])
-    return next_use
 
 
 def _at_depth_register(topk, lengths, next_use, num_experts, policy, seg_len, free_slot_hits, token_lookup,

@@ -12,6 +12,7 @@ import time
 from typing import Optional, Sequence
 
 from lrc_kernels.plan_bytes import DEFAULT_BANDWIDTH_GBS
+from lrc_kernels.trace import PHASES
 
 from .errors import Parser, UsageError, fraction_option, int_option, require, run_guarded, warn
 from .plan import (add_plan, add_plan_command, add_plan_options, expert_size_for, plan_block, run_plan_command,
@@ -33,7 +34,7 @@ def _add_report_options(parser: argparse.ArgumentParser, *, num_bootstrap: int =
                         help="CI level, in (0, 1) (default: %(default)s)")
     parser.add_argument("--seed", type=int_option(-(1 << 63)), default=0,
                         help="seed of the bootstrap weights (default: %(default)s)")
-    parser.add_argument("--phase", choices=("all", "prefill", "decode"), default="all",
+    parser.add_argument("--phase", choices=PHASES, default="all",
                         help="tokens to report: all, or only the prompt (prefill) or generated (decode) tokens of "
                              "each sequence; 'all' on a generated workload adds prefill and decode rows "
                              "(default: %(default)s)")

@@ -111,7 +111,7 @@ def basic_interval(estimate: torch.Tensor, replicates: torch.Tensor,
     Example (SPEC §8 C):
         >>> basic_interval(torch.tensor(0.75, dtype=torch.float64),
         ...                torch.tensor([2/3, 3/4, 3/4, 6/7], dtype=torch.float64), 0.5)[0].item()  # 9/14
-        0.6428571428571428
+        0.6428571428571429
     """
     lower, upper = bootstrap_indices(replicates.shape[-1], confidence)
     estimate = estimate.to(torch.float64)

@@ -122,6 +122,10 @@ def coverage_ratio(coverage: torch.Tensor) -> torch.Tensor:
 
     Returns:
         float64 ``[E]``; all NaN when there is no activation inside any window (SPEC §9).
+
+    Example (SPEC §8 A, :func:`segment_coverage`'s example: each window's top expert holds 8 of 14 activations):
+        >>> coverage_ratio(torch.tensor([8, 14, 14, 14])).tolist()
+        [0.5714285714285714, 1.0, 1.0, 1.0]
     """
     check_int_tensor(coverage, "coverage")
     if coverage.ndim < 1:

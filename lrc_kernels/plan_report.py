@@ -3,7 +3,8 @@
 Works on the results.json structure alone (``layers[i]["cache"][policy]["hits"]`` and ``["references"]``,
 ``meta["num_tokens"]``), so ``lrc-kernels plan RESULTS.json`` re-plans a saved report without the model.
 Every hit rate here is pooled, ``Σ hits / Σ references``, the quantity a split of a budget adds up; it
-equals the per-sequence mean of the curves when every sequence has the same number of references.
+equals the per-sequence mean of the curves when every sequence has the same number of references. The one
+exception is the regret, a gap between the report's own curves (``hit_rate``, per-sequence means).
 """
 
 from __future__ import annotations

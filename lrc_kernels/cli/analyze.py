@@ -9,9 +9,8 @@ import torch
 
 from lrc_kernels.trace import RoutingTrace
 
-from .errors import require
+from .errors import UsageError, require
 from .progress import progress_bar
-from .report import UsageError
 
 DATA_DIR = pathlib.Path(__file__).resolve().parent.parent / "data"
 DEFAULT_MODEL_DIR = DATA_DIR / "tiny_moe"

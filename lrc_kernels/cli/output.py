@@ -22,7 +22,7 @@ import pathlib
 from typing import Iterator, List
 
 from .._files import temporary_file
-from .report import UsageError
+from .errors import UsageError
 
 MANIFEST = "results.json"
 # Temporary names start with this; they do not make a folder "not empty" (another rank may be writing).

@@ -16,8 +16,8 @@ from typing import Optional
 from lrc_kernels.plan_bytes import DEFAULT_BANDWIDTH_GBS, expert_size
 from lrc_kernels.plan_report import plan_section
 
-from .errors import require
-from .report import UsageError, strict_json
+from .errors import UsageError, require
+from .report import strict_json
 
 DEFAULT_PLAN_DIR = pathlib.Path("lrc_plan")
 # the library's argument names and the options that set them, so an error names what the user typed

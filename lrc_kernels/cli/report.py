@@ -15,8 +15,6 @@ from typing import Optional
 from lrc_kernels.analyze import CURVE_FIELDS
 from lrc_kernels.srp import SRPScore
 
-from .errors import UsageError  # noqa: F401 -- re-exported: the loaders raise it from here
-
 SRP_FIELDS = tuple(f.name for f in fields(SRPScore))
 
 

@@ -20,9 +20,8 @@ from lrc_kernels.io import (FORMATS, ReadOptions, TraceReadError, TraceReadWarni
 
 from lrc_kernels._checks import MAX_EXPERTS
 
-from .errors import int_option
+from .errors import UsageError, int_option
 from .progress import step_progress
-from .report import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser, positive_int) -> None:

@@ -82,3 +82,11 @@ def test_thread_count_option():
         lrc_kernels.set_num_threads(2.0)
     assert parallel.slice_bounds(10, 10 * parallel.MIN_REFERENCES_PER_SLICE, 3) == [0, 3, 6, 10]
     assert parallel.slice_bounds(10, parallel.MIN_REFERENCES_PER_SLICE - 1, 3) == [0, 10]
+
+
+def test_a_pool_handed_out_still_runs_after_a_larger_one_replaces_it():
+    # Thread A takes the pool, thread B then needs more threads: A's submit must still run, not raise.
+    handed_to_a = parallel._executor(1)
+    larger = parallel._executor(handed_to_a._max_workers + 1)
+    assert larger is not handed_to_a
+    assert handed_to_a.submit(sum, [1, 2]).result() == 3

@@ -61,8 +61,8 @@ def _executor(num_threads: int) -> ThreadPoolExecutor:
     global _pool, _pool_size
     with _pool_lock:
         if _pool is None or _pool_size < num_threads:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
+            # The smaller pool is dropped, not shut down: another thread may be about to submit to it. Its idle
+            # workers exit once the last caller holding it lets go (ThreadPoolExecutor's weakref callback).
             _pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="lrc_kernels")
             _pool_size = num_threads
         return _pool

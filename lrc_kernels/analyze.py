@@ -29,9 +29,8 @@ from .bootstrap import bootstrap_indices, resample_weights
 from .cache import POLICIES, cache_curve, curve_from_hits
 from .routing import concat_layers
 from .srp import coverage_ratio, score_sequences, segment_coverage, srp_counts
-from .trace import RoutingTrace
+from .trace import PHASES, RoutingTrace
 
-PHASES = ("all", "prefill", "decode")
 CURVE_FIELDS = ("hit_rate", "ci_low", "ci_high")
 
 

@@ -83,6 +83,18 @@ def _next_uses(topk, s, num_tokens, num_experts, next_use, upcoming):
 
 
 @numba.njit(inline="always")
+def _referenced_key(policy, count, x, n, next_use):
+    """The eviction key of expert x just referenced as reference n (its count updated for LFU and SCH)."""
+    if policy == _LFU:
+        count[x] += 1
+        return count[x] * _PAIR_SHIFT + n
+    if policy == _BELADY:
+        return -next_use[n]
+    count[x] -= 1  # SCH: the reference leaves the look-ahead window's count
+    return count[x] * _PAIR_SHIFT + n
+
+
+@numba.njit(inline="always")
 def _prepare_keys(topk, s, num_tokens, num_experts, policy, seg_len, next_use, upcoming, count):
     """Per-sequence key state before the first token: Belady's next uses, or SCH's counts of tokens 0..L-1."""
     if policy == _BELADY:
@@ -229,14 +241,7 @@ def _stack_depth_hits(topk, lengths, hits, num_experts, policy, seg_len, free_sl
                     block_low[last_block] = min(block_low[last_block], carry_key)
                 stack[0] = x
                 pos[x] = 0
-                if policy == _LFU:
-                    count[x] += 1
-                    stack_key[0] = count[x] * _PAIR_SHIFT + n
-                elif policy == _BELADY:
-                    stack_key[0] = -next_use[n]
-                else:
-                    count[x] -= 1
-                    stack_key[0] = count[x] * _PAIR_SHIFT + n
+                stack_key[0] = _referenced_key(policy, count, x, n, next_use)
                 n += 1
             if policy == _SCH and i + seg_len < num_tokens:
                 for j in range(num_slots):
@@ -328,14 +333,7 @@ def _scan_depth_hits(topk, lengths, hits, num_experts, policy, seg_len, free_slo
                     num_seen += 1
                 if was_seen or free_slot_hits:
                     at_depth[q if sequential else row_depth[j]] += 1
-                if policy == _LFU:
-                    count[x] += 1
-                    key[x] = count[x] * _PAIR_SHIFT + n
-                elif policy == _BELADY:
-                    key[x] = -next_use[n]
-                else:
-                    count[x] -= 1
-                    key[x] = count[x] * _PAIR_SHIFT + n
+                key[x] = _referenced_key(policy, count, x, n, next_use)
                 n += 1
             if policy == _SCH and i + seg_len < num_tokens:
                 for j in range(num_slots):

@@ -80,6 +80,22 @@ def full_lengths(topk: torch.Tensor) -> torch.Tensor:
     return torch.full((topk.shape[0],), topk.shape[1], dtype=torch.int64, device=topk.device)
 
 
+def reset_peak_rss() -> int:
+    """Reset the process's peak RSS to its current RSS (Linux >= 4.0, ``/proc/self/clear_refs``); -> RSS bytes."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    return process_memory_kb("VmRSS") * 1024
+
+
+def process_memory_kb(field: str) -> int:
+    """A ``/proc/self/status`` memory field in KiB: ``VmRSS`` (current) or ``VmHWM`` (peak since the reset)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
 def best_of(run: Callable[[], object], repeats: int, *, warmup: int = 0,
             clock: Callable[[], float] = time.perf_counter, cuda: bool = False) -> Tuple[object, float]:
     """``(last result, fastest seconds)`` of ``repeats`` calls of ``run()`` after ``warmup`` untimed calls.

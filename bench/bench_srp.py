@@ -42,7 +42,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from _common import TRACE_KINDS, Table, full_lengths, make_trace, sticky_trace  # noqa: E402
+from _common import (TRACE_KINDS, Table, full_lengths, make_trace, process_memory_kb, reset_peak_rss,  # noqa: E402
+                     sticky_trace)
 
 
 def dense_window_counts(topk, lengths, num_experts, seg_len):
@@ -115,14 +116,6 @@ def public_api_available(metric):
     return hasattr(lrc_kernels, metric)
 
 
-def _memory_kb(field):
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status")
-
-
 def worker(cell):
     """Runs one (method, metric, S, L) cell and prints a JSON line with time and memory."""
     device = "cuda" if cell["backend"] == "triton" else "cpu"
@@ -146,9 +139,7 @@ def worker(cell):
         torch.cuda.reset_peak_memory_stats()
         baseline_bytes = torch.cuda.memory_allocated()
     else:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        baseline_bytes = _memory_kb("VmRSS") * 1024
+        baseline_bytes = reset_peak_rss()
     times = []
     for repeat in range(cell["repeats"]):
         start = time.perf_counter()
@@ -156,7 +147,7 @@ def worker(cell):
         synchronize()
         times.append(time.perf_counter() - start)
         if repeat == 0:
-            peak_bytes = torch.cuda.max_memory_allocated() if device == "cuda" else _memory_kb("VmHWM") * 1024
+            peak_bytes = torch.cuda.max_memory_allocated() if device == "cuda" else process_memory_kb("VmHWM") * 1024
             output_bytes = result.numel() * result.element_size()
             extra_bytes = peak_bytes - baseline_bytes - output_bytes
             checksum = int((result.double() * torch.arange(1, result.shape[-1] + 1, device=device)).sum())

@@ -38,7 +38,7 @@ sys.path[:0] = [BENCH, os.path.dirname(BENCH)]
 
 import lrc_kernels  # noqa: E402
 import paper_method  # noqa: E402
-from _common import best_of, make_trace  # noqa: E402
+from _common import best_of, make_trace, process_memory_kb, reset_peak_rss  # noqa: E402
 from lrc_kernels.bootstrap import basic_interval  # noqa: E402
 
 
@@ -74,24 +74,14 @@ def our_counts(topk, num_experts, seg_lens):
     return {seg_len: lrc_kernels.srp_counts(topk, num_experts, seg_len, backend="cpu") for seg_len in seg_lens}
 
 
-def _memory_kb(field):
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_worker(args):
     """Peak RSS beyond the state before the call, of ours on all L (fresh process, default allocator)."""
     topk = make_trace(args.trace, args.sequences, args.tokens, args.experts, args.top_k, seed=args.seed)
     weights = lrc_kernels.resample_weights(args.sequences, args.bootstrap, torch.Generator().manual_seed(0))
     our_srp(topk, args.experts, args.seg_lens, weights, args.confidence)
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-    before = _memory_kb("VmRSS")
+    before_kb = reset_peak_rss() // 1024
     our_srp(topk, args.experts, args.seg_lens, weights, args.confidence)
-    print(json.dumps({"extra_mib": (_memory_kb("VmHWM") - before) / 1024}))
+    print(json.dumps({"extra_mib": (process_memory_kb("VmHWM") - before_kb) / 1024}))
 
 
 def measure_memory(args, trace):

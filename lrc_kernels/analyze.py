@@ -223,6 +223,13 @@ def report(statistics: Statistics, *, num_bootstrap: int = 200, confidence: floa
         num_bootstrap: B replicates over sequences (0 = no CI); needs ``round(B·(1-confidence)/2) >= 1``.
         confidence: CI level in (0, 1).
         seed: seed of the weight matrix.
+
+    Example:
+        >>> from lrc_kernels import RoutingTrace
+        >>> trace = RoutingTrace(torch.tensor([[[[0], [0], [1], [0]]]]), num_experts=2)
+        >>> results = report(collect_statistics(trace, seg_lens=(2,), policies=("lru",)), num_bootstrap=0)
+        >>> sorted(results), results["model"]["cache"]["lru"]["hits"], results["model"]["srp"]["2"]["ci_low"]
+        (['layers', 'meta', 'model'], [2, 4], None)
     """
     if not isinstance(statistics, Statistics):
         raise TypeError(f"statistics: expected lrc_kernels.analyze.Statistics, received "

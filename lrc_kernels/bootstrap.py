@@ -87,7 +87,13 @@ def poisson_weights(num_seqs: int, num_bootstrap: int,
     large S, not digit for digit.
 
     Returns:
-        int64 ``[S, B]``.
+        int64 ``[S, B]`` (an ``[0, B]`` tensor when S = 0).
+
+    Example:
+        >>> w = poisson_weights(10000, 2, torch.Generator().manual_seed(0)); w.shape, w.dtype
+        (torch.Size([10000, 2]), torch.int64)
+        >>> round(w.double().mean().item(), 1)                    # Poisson(1): mean 1, std 0.007 here
+        1.0
     """
     num_seqs = check_int(num_seqs, "num_seqs", minimum=0)
     num_bootstrap = check_int(num_bootstrap, "num_bootstrap", minimum=0)

@@ -20,7 +20,11 @@ _TENSORS_ONLY = {"RoutingMonitor": "lrc_kernels.monitor"}
 
 
 def require_transformers() -> None:
-    """Raise an ``ImportError`` naming the ``hf`` extra unless transformers >= 5 is importable."""
+    """Raise an ``ImportError`` naming the ``hf`` extra unless transformers >= 5 is importable.
+
+    Example:
+        >>> require_transformers()                     # silent: transformers >= 5 is installed
+    """
     try:
         import transformers
     except ImportError as error:

@@ -127,6 +127,15 @@ class RoutingRecorder:
     Only calls of ``model`` itself count as forward passes: router calls outside one (e.g. activation
     recomputation during backward, or an encoder run on its own) are ignored. Works under ``no_grad`` and in
     training, on any device; recorded tensors are detached copies on the router's device.
+
+    Example:
+        >>> from transformers import AutoModelForCausalLM
+        >>> from lrc_kernels.cli.analyze import DEFAULT_MODEL_DIR            # the bundled tiny MoE
+        >>> model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR)
+        >>> with RoutingRecorder(model, accumulate=True) as rec:
+        ...     _ = model(input_ids=torch.tensor([[1, 2, 3]]))
+        >>> rec.trace().topk.shape                                          # [n_layers, S, T, k]
+        torch.Size([4, 1, 3, 2])
     """
 
     def __init__(self, model: nn.Module, *, capture: str = "selected", accumulate: bool = False):

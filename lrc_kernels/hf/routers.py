@@ -247,6 +247,12 @@ def find_routers(model: nn.Module) -> list[RouterSite]:
     Raises:
         ValueError: the model has no MoE router (names the model class), or a router whose selection
             cannot be captured.
+
+    Example:
+        >>> from transformers import AutoModelForCausalLM
+        >>> from lrc_kernels.cli.analyze import DEFAULT_MODEL_DIR            # the bundled tiny MoE
+        >>> find_routers(AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR))[0]
+        RouterSite(name='model.layers.0.mlp.gate', layer=0, stage='decoder', num_experts=16, top_k=2)
     """
     modules = dict(model.named_modules())
     specs = _router_specs(model)

@@ -61,7 +61,22 @@ def _pickle_mentions(path: pathlib.Path, names: Iterable[bytes]) -> bool:
 
 
 def detect_format(path: Union[str, pathlib.Path]) -> str:
-    """The format of ``path`` from its content (and suffix for binary files); see docs/formats.md."""
+    """The format of ``path`` from its content (and suffix for binary files); see docs/formats.md.
+
+    Returns:
+        one of :data:`FORMATS` other than ``"auto"``.
+
+    Raises:
+        TraceReadError: naming the file, when neither its suffix nor its first record says the format.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = pathlib.Path(folder) / "routing.jsonl"
+        ...     _ = path.write_text('{"seq": "a", "pos": 0, "experts": [3, 1]}')
+        ...     detect_format(path)
+        'jsonl'
+    """
     path = pathlib.Path(path)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
@@ -115,6 +130,15 @@ def read_trace(path: Union[str, pathlib.Path], format: str = "auto", options: Re
 
     Raises:
         TraceReadError: naming the file, the line or record and the field.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = pathlib.Path(folder) / "routing.jsonl"
+        ...     _ = path.write_text('{"seq": "a", "pos": 0, "experts": [3, 1]}\\n'
+        ...                         '{"seq": "a", "pos": 1, "experts": [2, 1]}\\n')
+        ...     read_trace(path, options=ReadOptions(num_experts=4)).topk.tolist()
+        [[[[3, 1], [2, 1]]]]
     """
     path = pathlib.Path(path)
     if format not in FORMATS:
@@ -130,7 +154,16 @@ def read_trace(path: Union[str, pathlib.Path], format: str = "auto", options: Re
 
 def expand_paths(specs: Iterable[Union[str, pathlib.Path]]) -> List[pathlib.Path]:
     """Files named by ``specs``: a file as is, a directory's files (sorted, hidden ones skipped), a glob's
-    matches (sorted). A directory without files or a glob without matches is an error; duplicates are dropped."""
+    matches (sorted). A directory without files or a glob without matches is an error; duplicates are dropped.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     for name in ("b.jsonl", "a.jsonl", ".hidden"):
+        ...         _ = (pathlib.Path(folder) / name).write_text("{}")
+        ...     [path.name for path in expand_paths([folder, f"{folder}/a.*"])]
+        ['a.jsonl', 'b.jsonl']
+    """
     files: dict = {}
     for spec in specs:
         path = pathlib.Path(spec)

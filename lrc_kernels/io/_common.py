@@ -65,7 +65,17 @@ _CONFIG_KEYS = {
 
 
 def options_from_model_config(path: pathlib.Path, options: ReadOptions) -> ReadOptions:
-    """``options`` with its unset ``num_layers``/``top_k``/``num_experts`` taken from a model's config.json."""
+    """``options`` with its unset ``num_layers``/``top_k``/``num_experts`` taken from a model's config.json.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = pathlib.Path(folder) / "config.json"
+        ...     _ = path.write_text('{"num_hidden_layers": 48, "num_experts_per_tok": 8, "num_experts": 128}')
+        ...     options = options_from_model_config(path, ReadOptions(top_k=2))
+        >>> options.num_layers, options.top_k, options.num_experts
+        (48, 2, 128)
+    """
     try:
         config = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -82,7 +92,15 @@ def options_from_model_config(path: pathlib.Path, options: ReadOptions) -> ReadO
 
 
 def parse_layer_spec(spec: str) -> list:
-    """``"1-3,7"`` -> ``[1, 2, 3, 7]`` (ranges inclusive, order and duplicates as written are normalised)."""
+    """``"1-3,7"`` -> ``[1, 2, 3, 7]`` (ranges inclusive, order and duplicates as written are normalised).
+
+    Raises:
+        TraceReadError: naming the spec and the part that is not a number or a range of numbers >= 0.
+
+    Example:
+        >>> parse_layer_spec("7,1-3,2")
+        [1, 2, 3, 7]
+    """
     numbers = set()
     for part in spec.split(","):
         part = part.strip()

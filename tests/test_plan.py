@@ -1,6 +1,5 @@
 """Cache planning: the exact split against brute force, sizes for a target and the knee against scans, bytes."""
 
-import doctest
 import itertools
 import math
 from fractions import Fraction
@@ -11,8 +10,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import lrc_kernels as lk
-import lrc_kernels.plan
-import lrc_kernels.plan_bytes
 from lrc_kernels.plan import best_hits_by_budget, split_hits, uniform_split
 from lrc_kernels.plan_bytes import expert_size, slots_for_gib, split_cost
 
@@ -272,9 +269,3 @@ def test_bad_input_names_the_argument(call, error, message):
     with pytest.raises(error) as raised:
         call()
     assert str(raised.value).startswith(message)
-
-
-@pytest.mark.parametrize("module", [lrc_kernels.plan, lrc_kernels.plan_bytes], ids=lambda m: m.__name__)
-def test_docstring_examples_run(module):
-    failures, attempted = doctest.testmod(module)
-    assert attempted > 0 and failures == 0

@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ._checks import check_choice, check_int
-from .bootstrap import bootstrap_indices, resample_weights
+from .bootstrap import check_bootstrap_options, resample_weights
 from .cache import POLICIES, cache_curve, curve_from_hits
 from .routing import concat_layers
 from .srp import coverage_ratio, score_sequences, segment_coverage, srp_counts
@@ -221,7 +221,7 @@ def report(statistics: Statistics, *, num_bootstrap: int = 200, confidence: floa
     Args:
         statistics: from :func:`collect_statistics` (or a sum of them).
         num_bootstrap: B replicates over sequences (0 = no CI); needs ``round(B·(1-confidence)/2) >= 1``.
-        confidence: CI level in (0, 1).
+        confidence: CI level in (0, 1), checked also when ``num_bootstrap`` is 0.
         seed: seed of the weight matrix.
 
     Example:
@@ -234,11 +234,10 @@ def report(statistics: Statistics, *, num_bootstrap: int = 200, confidence: floa
     if not isinstance(statistics, Statistics):
         raise TypeError(f"statistics: expected lrc_kernels.analyze.Statistics, received "
                         f"{type(statistics).__name__}")
-    num_bootstrap = check_int(num_bootstrap, "num_bootstrap", minimum=0)
+    num_bootstrap, confidence = check_bootstrap_options(num_bootstrap, confidence, weights=None)
     seed = check_int(seed, "seed")
     weights = None
     if num_bootstrap > 0:
-        bootstrap_indices(num_bootstrap, confidence)
         weights = resample_weights(statistics.num_sequences, num_bootstrap, torch.Generator().manual_seed(seed))
     results = _streams_report(statistics, weights, confidence)
     if statistics.phases:
@@ -291,6 +290,7 @@ def analyze(trace, *, seg_lens: Sequence[int] = (4, 16, 64, 256),
         >>> analyze(trace, seg_lens=(2,), num_bootstrap=0)["model"]["cache"]["lru"]["hit_rate"]
         [0.5, 1.0]
     """
+    check_bootstrap_options(num_bootstrap, confidence, weights=None)  # before the metric work, not after it
     statistics = collect_statistics(trace, seg_lens=seg_lens, policies=policies, phase=phase, backend=backend,
                                     progress=progress)
     return report(statistics, num_bootstrap=num_bootstrap, confidence=confidence, seed=seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -123,3 +124,22 @@ def test_phases_are_the_selected_tokens_with_the_same_weights():
 def test_bad_arguments_name_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call(_trace())
+
+
+@pytest.mark.parametrize("confidence, error", [(1.0, ValueError), (0.0, ValueError), (float("nan"), ValueError),
+                                               ("0.9", TypeError)])
+def test_confidence_is_checked_without_bootstrap(confidence, error, monkeypatch):
+    """report and analyze refuse a confidence outside (0, 1) with the message of the other public functions,
+    also when num_bootstrap=0 draws no replicate; analyze before the metric work."""
+    statistics = collect_statistics(_trace(), seg_lens=(4,), policies=("lru",))
+    with pytest.raises(error) as expected:
+        lk.bootstrap_indices(20, confidence)
+    assert str(expected.value).startswith("confidence: expected a float in (0, 1)")
+    with pytest.raises(error) as raised:
+        report(statistics, num_bootstrap=0, confidence=confidence)
+    assert str(raised.value) == str(expected.value)
+    # analyze must fail before the metric work (lrc_kernels.analyze, the attribute, is the function)
+    monkeypatch.setattr(sys.modules["lrc_kernels.analyze"], "collect_statistics", None)
+    with pytest.raises(error) as raised:
+        analyze(_trace(), num_bootstrap=0, confidence=confidence)
+    assert str(raised.value) == str(expected.value)

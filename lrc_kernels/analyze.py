@@ -29,7 +29,7 @@ from .bootstrap import check_bootstrap_options, resample_weights
 from .cache import POLICIES, cache_curve, curve_from_hits
 from .routing import concat_layers
 from .srp import coverage_ratio, score_sequences, segment_coverage, srp_counts
-from .trace import PHASES, RoutingTrace
+from .trace import PHASES, RoutingTrace, merged_meta
 
 CURVE_FIELDS = ("hit_rate", "ci_low", "ci_high")
 
@@ -62,12 +62,29 @@ class StreamStatistics:
 class Statistics:
     """What :func:`report` needs from a trace; ``a + b`` appends b's sequences after a's.
 
+    ``a + b`` is the statistics of ``RoutingTrace.concat([trace_a, trace_b])``: counts add, per-sequence
+    statistics are appended, ``max_tokens`` is the larger and ``meta`` is merged as the traces' metas are
+    (:func:`lrc_kernels.trace.merged_meta`: the entries both share, and ``meta["parts"]`` listing the
+    different metas, e.g. each file's ``source``). Statistics of different models or options do not add:
+    ``layer_names``, ``num_experts``, ``top_k``, ``seg_lens``, ``policies``, ``phase`` and the phase parts
+    must be equal, else ValueError names the field and both values.
+
     Attributes:
         layers: one :class:`StreamStatistics` per layer; ``model``: the model-level stream (layers joined with
             :func:`lrc_kernels.concat_layers`, SRP histograms summed over layers).
         phases: for a trace with phase marks analysed as ``"all"``: ``{"prefill": Statistics, "decode": ...}``
             of the same sequences; else empty.
-        the other fields describe the trace (equal in both operands of ``+``, except the counts, which add).
+        meta: the trace's meta.
+        the other fields describe the trace.
+
+    Example:
+        >>> from lrc_kernels import RoutingTrace
+        >>> def part(source):
+        ...     trace = RoutingTrace(torch.tensor([[[[0], [1]]]]), num_experts=2, meta={"model": "m", "source": source})
+        ...     return collect_statistics(trace, seg_lens=(2,), policies=("lru",))
+        >>> both = part("a.jsonl") + part("b.jsonl")
+        >>> both.num_sequences, both.meta["model"], [meta["source"] for meta in both.meta["parts"]]
+        (2, 'm', ['a.jsonl', 'b.jsonl'])
     """
 
     layer_names: tuple
@@ -99,7 +116,8 @@ class Statistics:
                        max_tokens=max(self.max_tokens, other.max_tokens),
                        layers=tuple(a + b for a, b in zip(self.layers, other.layers)),
                        model=self.model + other.model,
-                       phases={key: value + other.phases[key] for key, value in self.phases.items()})
+                       phases={key: value + other.phases[key] for key, value in self.phases.items()},
+                       meta=merged_meta([self.meta, other.meta]))
 
 
 def _cache_keys(seg_lens: Sequence[int], policies: Sequence[str]) -> list:

@@ -156,8 +156,8 @@ class RoutingTrace:
         """The sequences of several traces of the same model, in order (shorter rows padded with ``-1``).
 
         Layers, top-k, ``num_experts`` and ``layer_names`` must agree. The phase is kept when every trace has
-        one. ``meta`` keeps the entries all traces share; when any differ, ``meta["parts"]`` lists each
-        trace's meta.
+        one. ``meta`` is :func:`merged_meta` of the traces' metas: the entries all share and, when any differ,
+        ``meta["parts"]``, each different meta in order.
 
         Example:
             >>> a = RoutingTrace(torch.tensor([[[[0], [1]]]]), num_experts=2)
@@ -180,11 +180,7 @@ class RoutingTrace:
         phase = None
         if all(t.phase is not None for t in traces):
             phase = torch.cat([_pad_tokens(t.phase, width, PREFILL, dim=1).to(topk.device) for t in traces])
-        metas = [t.meta for t in traces]
-        meta = {key: value for key, value in first.meta.items() if all(m.get(key) == value for m in metas)}
-        if any(m != first.meta for m in metas):
-            meta["parts"] = metas
-        return first._replace(topk=topk, lengths=lengths, phase=phase, meta=meta)
+        return first._replace(topk=topk, lengths=lengths, phase=phase, meta=merged_meta([t.meta for t in traces]))
 
     def to(self, device) -> "RoutingTrace":
         """The same trace with its tensors on ``device``."""
@@ -277,6 +273,36 @@ class RoutingTrace:
         phase = "" if self.phase is None else ", with phases"
         return (f"RoutingTrace({self.n_layers} layers x {self.num_sequences} sequences x {self.max_tokens} "
                 f"tokens, top-{self.top_k} of {self.num_experts} experts, {self.num_tokens} valid tokens{phase})")
+
+
+def merged_meta(metas: Sequence[dict]) -> dict:
+    """The meta of consecutive parts of a workload (:meth:`RoutingTrace.concat`, ``Statistics + Statistics``).
+
+    Equal metas give that meta. Otherwise: the entries every part has with the same value, and ``"parts"``,
+    each different meta in order of first appearance. A meta that was merged before stands for its
+    ``"parts"`` (each updated with the meta's other entries, e.g. the ``"phase"`` of
+    :meth:`RoutingTrace.select`), so merging is associative: merging pairs one after another gives the merge
+    of all.
+
+    Example:
+        >>> a, b = {"model": "m", "source": "a.jsonl"}, {"model": "m", "source": "b.jsonl"}
+        >>> merged_meta([merged_meta([a, b]), a]) == merged_meta([a, b, a]) == {"model": "m", "parts": [a, b]}
+        True
+    """
+    distinct: list = []
+    for meta in metas:
+        parts = meta.get("parts")
+        merged_before = isinstance(parts, list) and parts and all(isinstance(part, dict) for part in parts)
+        others = {key: value for key, value in meta.items() if key != "parts"}
+        for part in [{**part, **others} for part in parts] if merged_before else [meta]:
+            if part not in distinct:
+                distinct.append(part)
+    if len(distinct) <= 1:
+        return dict(distinct[0]) if distinct else {}
+    first = distinct[0]
+    shared = {key: value for key, value in first.items()
+              if all(key in part and part[key] == value for part in distinct[1:])}
+    return {**shared, "parts": distinct}
 
 
 def _read_trace_header(path: pathlib.Path) -> Optional[dict]:

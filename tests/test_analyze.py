@@ -94,6 +94,39 @@ def test_statistics_of_parts_add_up_to_one_pass():
     assert _same(report(summed, num_bootstrap=B, seed=SEED), whole)
 
 
+def test_added_statistics_merge_meta_as_concatenated_traces_do():
+    """Files of one workload: the sum keeps what their metas share and lists each file's meta, in any grouping,
+    and its report is the one of the concatenated traces, meta included."""
+    trace = _trace()
+    files = [RoutingTrace(trace.topk[:, start:stop], trace.lengths[start:stop], num_experts=E,
+                          meta={"model": "random", "source": f"part{start}.jsonl"})
+             for start, stop in ((0, 2), (2, 3), (3, S))]
+    parts = [collect_statistics(part, seg_lens=(3,), policies=("lru",)) for part in files]
+    left, right = (parts[0] + parts[1]) + parts[2], parts[0] + (parts[1] + parts[2])
+    assert left.meta == right.meta == {"model": "random", "parts": [part.meta for part in files]}
+    whole = RoutingTrace.concat(files)
+    assert _same(report(left, num_bootstrap=B), analyze(whole, seg_lens=(3,), policies=("lru",), num_bootstrap=B))
+
+
+def _lru_statistics(trace, **options):
+    return collect_statistics(trace, **{"seg_lens": (3,), "policies": ("lru",), **options})
+
+
+@pytest.mark.parametrize("field, other", [
+    ("num_experts", lambda t: _lru_statistics(RoutingTrace(t.topk, t.lengths, num_experts=E + 1))),
+    ("layer_names", lambda t: _lru_statistics(RoutingTrace(t.topk, t.lengths, num_experts=E,
+                                                           layer_names=["a", "b", "c"]))),
+    ("top_k", lambda t: _lru_statistics(RoutingTrace(t.topk[..., :1], t.lengths, num_experts=E))),
+    ("policies", lambda t: _lru_statistics(t, policies=("lfu",))),
+    ("phase", lambda t: _lru_statistics(_trace(with_phase=True), phase="prefill")),
+    ("phases", lambda t: _lru_statistics(_trace(with_phase=True))),   # "all" of a trace with phase marks
+])
+def test_statistics_of_different_models_or_options_do_not_add(field, other):
+    trace = _trace()
+    with pytest.raises(ValueError, match=rf"^Statistics\.{field}: expected "):
+        _lru_statistics(trace) + other(trace)
+
+
 def test_phases_are_the_selected_tokens_with_the_same_weights():
     trace = _trace(with_phase=True)
     results = analyze(trace, seg_lens=SEG_LENS, num_bootstrap=B, seed=SEED)

@@ -118,6 +118,9 @@ def test_several_files_a_directory_and_a_glob_sum_in_file_order(tmp_path, rng):
     listed = run_trace(tmp_path, *(folder / f"part{i}.jsonl" for i in range(3)), "--num-experts", E, out="list")
     assert_same_numbers(listed, expected)
     assert listed["meta"]["files"] == [str(folder / f"part{i}.jsonl") for i in range(3)]
+    # each file's own meta, in order (docs/cli.md), under what they share
+    assert [part["source"] for part in listed["meta"]["parts"]] == listed["meta"]["files"]
+    assert listed["meta"]["format"] == "vllm" and all(part["format"] == "vllm" for part in listed["meta"]["parts"])
 
 
 def test_trace_file_saved_by_routing_trace_needs_no_num_experts(tmp_path, rng):

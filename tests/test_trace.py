@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from conftest import generate_trace
 from lrc_kernels import RoutingTrace
+from lrc_kernels.trace import merged_meta
 
 
 @st.composite
@@ -103,6 +104,9 @@ def test_concat_pads_and_merges_meta():
     assert both.lengths.tolist() == [2, 3, 1]
     assert both.phase.tolist() == [[0, 1, 0], [0, 0, 0], [0, 0, 0]]
     assert both.meta == {"model": "m", "parts": [a.meta, b.meta]}
+    # a concatenation stands for its parts, and equal metas are listed once: concat is associative on meta
+    assert RoutingTrace.concat([both, a]).meta == RoutingTrace.concat([a, b, a]).meta == both.meta
+    assert RoutingTrace.concat([a, a]).meta == a.meta
     no_phase = RoutingTrace(torch.tensor([[[[1]]]]), num_experts=2)
     assert RoutingTrace.concat([a, no_phase]).phase is None
     with pytest.raises(ValueError, match=r"traces\[1\].experts_per_layer: expected \(2,\)"):
@@ -232,3 +236,13 @@ def test_repr_summarises():
                          phase=torch.zeros(3, 4, dtype=torch.uint8))
     assert repr(trace) == ("RoutingTrace(2 layers x 3 sequences x 4 tokens, top-1 of 8 experts, 5 valid tokens, "
                            "with phases)")
+
+
+def test_merged_meta_keeps_what_a_merge_changed_in_its_parts():
+    """The phase select() adds to a concatenation's meta survives a later merge (the parts get it)."""
+    a, b = {"source": "a"}, {"source": "b"}
+    decode = {**merged_meta([a, b]), "phase": "decode"}
+    assert merged_meta([decode, {"source": "c", "phase": "decode"}]) == {
+        "phase": "decode", "parts": [{"source": "a", "phase": "decode"}, {"source": "b", "phase": "decode"},
+                                     {"source": "c", "phase": "decode"}]}
+    assert merged_meta([]) == {} and merged_meta([{"parts": "not a merge"}] * 2) == {"parts": "not a merge"}

@@ -4,7 +4,8 @@ all-reduced.
 Rank r reads files r, r + N, r + 2N, ... and reduces each to :class:`lrc_kernels.analyze.Statistics`. These
 are exact integers with one row per sequence (in file order), so the ranks place their rows at the files'
 global offsets in zero tensors and one ``all_reduce(SUM)`` (``MAX`` for the longest row) assembles the
-statistics of all files in file order: the report of rank 0 is bit for bit the one-process report.
+statistics of all files in file order, and the files' metas, gathered, merge in file order as ``+`` merges
+them: the report of rank 0 is bit for bit the one-process report.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 
 from lrc_kernels.analyze import Statistics, StreamStatistics
+from lrc_kernels.trace import merged_meta
 
 ROWS, SUM, MAX = "rows", "sum", "max"
 
@@ -65,8 +67,10 @@ def _numbers(statistics: Statistics) -> Iterator[Tuple[torch.Tensor, str]]:
             yield from ((value, SUM) for value in stream.coverage.values())
 
 
-def _rebuild(template: Statistics, values: Iterator[torch.Tensor], num_sequences: int) -> Statistics:
-    """``template`` with its numbers taken from ``values`` (in :func:`_numbers` order)."""
+def _rebuild(template: Statistics, values: Iterator[torch.Tensor], num_sequences: int,
+             metas: Iterator[dict]) -> Statistics:
+    """``template`` with its numbers taken from ``values`` (in :func:`_numbers` order) and the metas of its
+    nodes from ``metas`` (in :func:`_nodes` order)."""
     def stream(part: StreamStatistics) -> StreamStatistics:
         return StreamStatistics(srp={key: next(values) for key in part.srp},
                                 hits={key: next(values) for key in part.hits},
@@ -74,12 +78,13 @@ def _rebuild(template: Statistics, values: Iterator[torch.Tensor], num_sequences
                                 coverage={key: next(values) for key in part.coverage})
 
     def node(part: Statistics) -> Statistics:
+        meta = next(metas)
         num_tokens, max_tokens = int(next(values)), int(next(values))
         layers = tuple(stream(layer) for layer in part.layers)
         model = stream(part.model)
         phases = {name: node(sub) for name, sub in part.phases.items()}
         return replace(part, num_sequences=num_sequences, num_tokens=num_tokens, max_tokens=max_tokens,
-                       layers=layers, model=model, phases=phases)
+                       layers=layers, model=model, phases=phases, meta=meta)
 
     return node(template)
 
@@ -101,7 +106,8 @@ def all_reduce_statistics(parts: List[Tuple[int, Statistics]], files: List[str])
     if dist.get_rank() == 0:
         first = parts[0][1]
         shared[0] = _rebuild(first, iter([value[:0] if kind == ROWS else torch.zeros_like(value)
-                                          for value, kind in _numbers(first)]), 0)
+                                          for value, kind in _numbers(first)]), 0,
+                             iter([node.meta for node in _nodes(first)]))
     dist.broadcast_object_list(shared, src=0)
     template = shared[0]
     mismatch = None
@@ -133,4 +139,16 @@ def all_reduce_statistics(parts: List[Tuple[int, Statistics]], files: List[str])
         for value, piece in zip(group, flat.split([value.numel() for value in group])):
             value.copy_(piece.view(value.shape))
     values = iter(value.to(template_value.dtype) for value, (template_value, _) in zip(totals, layout))
-    return _rebuild(template, values, total)
+    return _rebuild(template, values, total, _merged_metas(parts, len(files)))
+
+
+def _merged_metas(parts: List[Tuple[int, Statistics]], num_files: int) -> Iterator[dict]:
+    """Each node's meta (in :func:`_nodes` order) merged over all files in file order, on every rank."""
+    import torch.distributed as dist
+
+    gathered: List[Optional[list]] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, [(index, [node.meta for node in _nodes(statistics)])
+                                      for index, statistics in parts])
+    by_file = dict(pair for pairs in gathered for pair in pairs)
+    per_node = zip(*(by_file[index] for index in range(num_files)))
+    return iter([merged_meta(list(metas)) for metas in per_node])

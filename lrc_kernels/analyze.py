@@ -25,11 +25,12 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ._checks import check_choice, check_int
+from ._meta import merged_meta
 from .bootstrap import check_bootstrap_options, resample_weights
 from .cache import POLICIES, cache_curve, curve_from_hits
 from .routing import concat_layers
 from .srp import coverage_ratio, score_sequences, segment_coverage, srp_counts
-from .trace import PHASES, RoutingTrace, merged_meta
+from .trace import PHASES, RoutingTrace
 
 CURVE_FIELDS = ("hit_rate", "ci_low", "ci_high")
 
@@ -43,6 +44,13 @@ class StreamStatistics:
         hits: ``{cache key: int64 [S, E]}`` hits of every cache size; keys ``"sch@L"``, ``"lru"``, ...
         num_references: int64 ``[S]``, valid references of each sequence.
         coverage: ``{L: int64 [E]}`` segment coverage counts summed over sequences.
+
+    Example (:func:`collect_statistics`'s trace, its model-level stream):
+        >>> from lrc_kernels import RoutingTrace
+        >>> trace = RoutingTrace(torch.tensor([[[[0], [0], [1], [0]]]]), num_experts=2)
+        >>> stream = collect_statistics(trace, seg_lens=(2,), policies=("lru",)).model
+        >>> stream.srp[2].tolist(), stream.hits["lru"].tolist(), stream.num_references.tolist()
+        ([[1, 4, 1]], [[2, 4]], [4])
     """
 
     srp: dict
@@ -64,7 +72,7 @@ class Statistics:
 
     ``a + b`` is the statistics of ``RoutingTrace.concat([trace_a, trace_b])``: counts add, per-sequence
     statistics are appended, ``max_tokens`` is the larger and ``meta`` is merged as the traces' metas are
-    (:func:`lrc_kernels.trace.merged_meta`: the entries both share, and ``meta["parts"]`` listing the
+    (:func:`lrc_kernels._meta.merged_meta`: the entries both share, and ``meta["parts"]`` listing the
     different metas, e.g. each file's ``source``). Statistics of different models or options do not add:
     ``layer_names``, ``num_experts``, ``top_k``, ``seg_lens``, ``policies``, ``phase`` and the phase parts
     must be equal, else ValueError names the field and both values.

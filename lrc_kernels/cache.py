@@ -29,6 +29,11 @@ class CacheCurve:
         hits: int64 ``[S, E]`` per-sequence hits, entry m-1 for cache size m.
         num_references: int64 ``[S]``, ``N_s``.
         ci_low, ci_high: float64 ``[E]`` basic-bootstrap bounds (``None`` without bootstrap).
+
+    Example (SPEC §8 A, as :func:`cache_hits`):
+        >>> curve = cache_curve(torch.tensor([[0], [0], [1], [2], [0], [3], [2], [1]]), 4, "belady")
+        >>> curve.hits.tolist(), curve.references, curve.hit_rate.tolist(), curve.ci_low
+        ([[2, 5, 7, 8]], 8, [0.25, 0.625, 0.875, 1.0], None)
     """
 
     hit_rate: torch.Tensor

@@ -44,7 +44,13 @@ EXPERT_FAMILIES = {
 
 @dataclass(frozen=True)
 class ExpertSize:
-    """One routed expert: ``parameters``, ``bytes`` as stored, and ``rule``, the derivation in words."""
+    """One routed expert: ``parameters``, ``bytes`` as stored, and ``rule``, the derivation in words.
+
+    Example:
+        >>> expert_size({"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336,
+        ...              "dtype": "bfloat16"}).rule
+        'mixtral: 3 x 4096 x 14336 weights at 2 B (bfloat16)'
+    """
 
     parameters: int
     bytes: int
@@ -178,6 +184,12 @@ class SplitCost:
         bytes_per_token: ``misses_per_token · expert_bytes`` (None without an expert size).
         tokens_per_s_ceiling: ``bandwidth_gbs · 1e9 / bytes_per_token``, the transfer-bound decode-rate ceiling
             (None without an expert size, misses or tokens). Not a latency model.
+
+    Example (:func:`split_cost`'s, without an expert size):
+        >>> split_cost(torch.tensor([[5, 6, 6, 6], [1, 2, 8, 9]]), torch.tensor([1, 3]), 20, 10)
+        ... # doctest: +NORMALIZE_WHITESPACE
+        SplitCost(sizes=[1, 3], slots=4, hits=13, references=20, hit_rate=0.65, misses_per_token=0.7,
+                  bytes_per_token=None, tokens_per_s_ceiling=None)
     """
 
     sizes: list

@@ -34,6 +34,11 @@ class SRPScore:
         act_r: float64, activation density ``acts / preds(0)``; NaN iff ``support == 0``.
         support: int64, pooled (window, expert) pairs; 0 flags "no window".
         ci_low, ci_high: float64 basic-bootstrap bounds of ``best_f1`` (``None`` without bootstrap).
+
+    Example (SPEC §8 A, as :func:`srp_score`):
+        >>> srp_score(torch.tensor([15, 12, 1])).to_dict()  # doctest: +NORMALIZE_WHITESPACE
+        {'best_f1': 0.7, 'threshold': 1, 'best_m': 1.8571428571428572, 'act_r': 0.25, 'support': 28,
+         'ci_low': None, 'ci_high': None}
     """
 
     best_f1: torch.Tensor
@@ -45,7 +50,12 @@ class SRPScore:
     ci_high: Optional[torch.Tensor] = None
 
     def to_dict(self) -> dict:
-        """Plain Python values (lists or scalars; NaN stays float NaN), ``None`` for absent CIs."""
+        """Plain Python values (lists or scalars; NaN stays float NaN), ``None`` for absent CIs.
+
+        Example:
+            >>> srp_score(torch.tensor([[15, 12, 1], [0, 0, 0]])).to_dict()["support"]    # two cells
+            [28, 0]
+        """
         return {f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).tolist())
                 for f in fields(self)}
 

@@ -19,6 +19,7 @@ import torch
 
 from ._checks import check_choice, check_int, check_int_tensor, check_lengths, check_topk
 from ._files import set_plain_mode, temporary_file
+from ._meta import merged_meta
 
 PREFILL, DECODE = 0, 1
 PHASES = ("all", "prefill", "decode")
@@ -106,11 +107,21 @@ class RoutingTrace:
         return tuple(self.num_experts)
 
     def experts(self, index: int) -> int:
-        """E of layer ``index``."""
+        """E of layer ``index``.
+
+        Example:
+            >>> RoutingTrace(torch.zeros(2, 1, 3, 1, dtype=torch.long), num_experts=(4, 8)).experts(1)
+            8
+        """
         return self.experts_per_layer[index]
 
     def layer(self, index: int) -> torch.Tensor:
-        """Layer ``index``'s routing, ``[S, T, k]`` (a view)."""
+        """Layer ``index``'s routing, ``[S, T, k]`` (a view).
+
+        Example:
+            >>> RoutingTrace(torch.tensor([[[[0], [1]]], [[[1], [1]]]]), num_experts=2).layer(1).tolist()
+            [[[1], [1]]]
+        """
         return self.topk[index]
 
     def _replace(self, **fields) -> "RoutingTrace":
@@ -156,8 +167,8 @@ class RoutingTrace:
         """The sequences of several traces of the same model, in order (shorter rows padded with ``-1``).
 
         Layers, top-k, ``num_experts`` and ``layer_names`` must agree. The phase is kept when every trace has
-        one. ``meta`` is :func:`merged_meta` of the traces' metas: the entries all share and, when any differ,
-        ``meta["parts"]``, each different meta in order.
+        one. ``meta`` is :func:`lrc_kernels._meta.merged_meta` of the traces' metas: the entries all share and,
+        when any differ, ``meta["parts"]``, each different meta in order.
 
         Example:
             >>> a = RoutingTrace(torch.tensor([[[[0], [1]]]]), num_experts=2)
@@ -183,7 +194,12 @@ class RoutingTrace:
         return first._replace(topk=topk, lengths=lengths, phase=phase, meta=merged_meta([t.meta for t in traces]))
 
     def to(self, device) -> "RoutingTrace":
-        """The same trace with its tensors on ``device``."""
+        """The same trace with its tensors on ``device``.
+
+        Example:
+            >>> RoutingTrace(torch.tensor([[[[0], [1]]]]), num_experts=2).to("cpu").lengths.device
+            device(type='cpu')
+        """
         phase = None if self.phase is None else self.phase.to(device)
         return self._replace(topk=self.topk.to(device), lengths=self.lengths.to(device), phase=phase)
 
@@ -194,11 +210,12 @@ class RoutingTrace:
         leaves no half-written file.
 
         Example:
-            >>> import tempfile, pathlib
+            >>> import pathlib, tempfile
             >>> trace = RoutingTrace(torch.tensor([[[[0], [1]]]]), num_experts=2, meta={"model": "demo"})
-            >>> path = pathlib.Path(tempfile.mkdtemp()) / "routing.safetensors"
-            >>> trace.save(path); RoutingTrace.load(path).meta
-            {'model': 'demo'}
+            >>> with tempfile.TemporaryDirectory() as folder:
+            ...     trace.save(pathlib.Path(folder) / "routing.safetensors")
+            ...     sorted(path.name for path in pathlib.Path(folder).iterdir())   # no temporary file left
+            ['routing.safetensors']
         """
         from safetensors.torch import save_file
 
@@ -225,6 +242,15 @@ class RoutingTrace:
         Raises:
             ValueError: naming the file and the field when it is not a trace file or a field is missing
             or ill-typed.
+
+        Example:
+            >>> import pathlib, tempfile
+            >>> trace = RoutingTrace(torch.tensor([[[[0], [1]]]]), num_experts=2, meta={"model": "demo"})
+            >>> with tempfile.TemporaryDirectory() as folder:
+            ...     trace.save(pathlib.Path(folder) / "routing.safetensors")
+            ...     loaded = RoutingTrace.load(pathlib.Path(folder) / "routing.safetensors")
+            >>> torch.equal(loaded.topk, trace.topk), loaded.meta
+            (True, {'model': 'demo'})
         """
         path = pathlib.Path(path)
         header = _read_trace_header(path)
@@ -257,13 +283,32 @@ class RoutingTrace:
 
     @staticmethod
     def read_meta(path) -> Optional[dict]:
-        """The ``meta`` of a trace file (its header only, no tensors); ``None`` when ``path`` is not a trace."""
+        """The ``meta`` of a trace file (its header only, no tensors); ``None`` when ``path`` is not a trace.
+
+        Example:
+            >>> import pathlib, tempfile
+            >>> with tempfile.TemporaryDirectory() as folder:
+            ...     path, other = pathlib.Path(folder) / "routing.safetensors", pathlib.Path(folder) / "notes.txt"
+            ...     RoutingTrace(torch.tensor([[[[0]]]]), num_experts=1, meta={"model": "demo"}).save(path)
+            ...     _ = other.write_text("not a trace")
+            ...     RoutingTrace.read_meta(path), RoutingTrace.read_meta(other)
+            ({'model': 'demo'}, None)
+        """
         header = _read_trace_header(pathlib.Path(path))
         return None if header is None else header.get("meta")
 
     @staticmethod
     def is_trace_file(path) -> bool:
-        """Whether ``path`` is a trace written by :meth:`save` (reads the header only)."""
+        """Whether ``path`` is a trace written by :meth:`save` (reads the header only).
+
+        Example:
+            >>> import pathlib, tempfile
+            >>> with tempfile.TemporaryDirectory() as folder:
+            ...     path = pathlib.Path(folder) / "routing.safetensors"
+            ...     RoutingTrace(torch.tensor([[[[0]]]]), num_experts=1).save(path)
+            ...     RoutingTrace.is_trace_file(path), RoutingTrace.is_trace_file(pathlib.Path(folder) / "missing")
+            (True, False)
+        """
         try:
             return _read_trace_header(pathlib.Path(path)) is not None
         except ValueError:
@@ -273,36 +318,6 @@ class RoutingTrace:
         phase = "" if self.phase is None else ", with phases"
         return (f"RoutingTrace({self.n_layers} layers x {self.num_sequences} sequences x {self.max_tokens} "
                 f"tokens, top-{self.top_k} of {self.num_experts} experts, {self.num_tokens} valid tokens{phase})")
-
-
-def merged_meta(metas: Sequence[dict]) -> dict:
-    """The meta of consecutive parts of a workload (:meth:`RoutingTrace.concat`, ``Statistics + Statistics``).
-
-    Equal metas give that meta. Otherwise: the entries every part has with the same value, and ``"parts"``,
-    each different meta in order of first appearance. A meta that was merged before stands for its
-    ``"parts"`` (each updated with the meta's other entries, e.g. the ``"phase"`` of
-    :meth:`RoutingTrace.select`), so merging is associative: merging pairs one after another gives the merge
-    of all.
-
-    Example:
-        >>> a, b = {"model": "m", "source": "a.jsonl"}, {"model": "m", "source": "b.jsonl"}
-        >>> merged_meta([merged_meta([a, b]), a]) == merged_meta([a, b, a]) == {"model": "m", "parts": [a, b]}
-        True
-    """
-    distinct: list = []
-    for meta in metas:
-        parts = meta.get("parts")
-        merged_before = isinstance(parts, list) and parts and all(isinstance(part, dict) for part in parts)
-        others = {key: value for key, value in meta.items() if key != "parts"}
-        for part in [{**part, **others} for part in parts] if merged_before else [meta]:
-            if part not in distinct:
-                distinct.append(part)
-    if len(distinct) <= 1:
-        return dict(distinct[0]) if distinct else {}
-    first = distinct[0]
-    shared = {key: value for key, value in first.items()
-              if all(key in part and part[key] == value for part in distinct[1:])}
-    return {**shared, "parts": distinct}
 
 
 def _read_trace_header(path: pathlib.Path) -> Optional[dict]:

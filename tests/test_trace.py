@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from conftest import generate_trace
 from lrc_kernels import RoutingTrace
-from lrc_kernels.trace import merged_meta
+from lrc_kernels._meta import merged_meta
 
 
 @st.composite

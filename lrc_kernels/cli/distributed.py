@@ -16,8 +16,8 @@ from typing import Iterator, List, Optional, Tuple
 
 import torch
 
+from lrc_kernels._meta import merged_meta
 from lrc_kernels.analyze import Statistics, StreamStatistics
-from lrc_kernels.trace import merged_meta
 
 ROWS, SUM, MAX = "rows", "sum", "max"
 

@@ -43,6 +43,14 @@ class RoutingTap:
         reset_after_log: zero the monitor after every :meth:`log_window` (each log shows its own window);
             False accumulates over the whole run.
         **monitor_kwargs: arguments of :class:`RoutingMonitor` for the default monitor.
+
+    Example:
+        >>> from transformers import AutoModelForCausalLM
+        >>> from lrc_kernels.cli.analyze import DEFAULT_MODEL_DIR            # the bundled tiny MoE
+        >>> model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR).train()
+        >>> tap = RoutingTap(model, seg_lens=(4,), policies=("lru",), cache_sizes_in_k=(1,)); tap.open()
+        >>> _ = model(input_ids=torch.tensor([[1, 2, 3, 4, 5]])); tap.close(); sorted(tap.log_window())
+        ['lrc/hit@1k/lru', 'lrc/hit@1k/lru/layer_mean', 'lrc/srp@4', 'lrc/srp@4/layer_mean']
     """
 
     def __init__(self, model: nn.Module, monitor: Optional[RoutingMonitor] = None, *,
@@ -146,6 +154,17 @@ class LRCCallback(TrainerCallback):
 
     Hooks are added in ``on_train_begin`` and removed in ``on_train_end``; if training raises, call
     :meth:`close`. The monitor stays readable after training (``callback.monitor``).
+
+    Example (``LRCCallback(seg_lens=(4, 16)).install(trainer)`` in a training script; here the two calls
+    ``Trainer.train()`` makes around a training step):
+        >>> from transformers import AutoModelForCausalLM, TrainerControl, TrainerState
+        >>> from lrc_kernels.cli.analyze import DEFAULT_MODEL_DIR            # the bundled tiny MoE
+        >>> model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR).train()
+        >>> callback, logs = LRCCallback(seg_lens=(4,), policies=("lru",), cache_sizes_in_k=(1,)), {"loss": 2.5}
+        >>> callback.on_train_begin(None, TrainerState(), TrainerControl(), model=model)
+        >>> _ = model(input_ids=torch.tensor([[1, 2, 3, 4, 5]]))
+        >>> callback.on_log(None, TrainerState(), TrainerControl(), logs=logs); callback.close(); sorted(logs)
+        ['loss', 'lrc/hit@1k/lru', 'lrc/hit@1k/lru/layer_mean', 'lrc/srp@4', 'lrc/srp@4/layer_mean']
     """
 
     def __init__(self, monitor: Optional[RoutingMonitor] = None, *, per_layer: bool = False,

@@ -126,6 +126,13 @@ class RouterSite:
         stage: ``"decoder"`` or ``"encoder"`` (the encoder stack of a seq2seq model).
         num_experts: routed experts E of this layer (shared experts excluded).
         top_k: slots per token k.
+
+    Example:
+        >>> from transformers import AutoModelForCausalLM
+        >>> from lrc_kernels.cli.analyze import DEFAULT_MODEL_DIR            # the bundled tiny MoE
+        >>> [(site.layer, site.num_experts, site.top_k) for site in find_routers(
+        ...     AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR))]
+        [(0, 16, 2), (1, 16, 2), (2, 16, 2), (3, 16, 2)]
     """
 
     name: str

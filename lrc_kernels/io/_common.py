@@ -24,12 +24,31 @@ from lrc_kernels.trace import RoutingTrace
 
 class TraceReadError(ValueError):
     """A file that cannot be read as the chosen format; the message names the file, the line or record and
-    the field, e.g. ``"dump.jsonl:12: choices[0].routed_experts: invalid base64"``."""
+    the field, e.g. ``"dump.jsonl:12: choices[0].routed_experts: invalid base64"``.
+
+    Example:
+        >>> try:
+        ...     parse_layer_spec("1-x")
+        ... except ValueError as error:
+        ...     print(type(error).__name__, error)
+        TraceReadError --layers '1-x': expected numbers and ranges like '1-47' or '1,3,5', received '1-x'
+    """
 
 
 class TraceReadWarning(UserWarning):
     """Something in a file that is probably a mistake but still gives a valid trace (a layer that is 0 for
-    every token, an ambiguous stitching choice)."""
+    every token, an ambiguous stitching choice).
+
+    Example:
+        >>> import pathlib, tempfile, warnings
+        >>> from lrc_kernels.io import read_trace
+        >>> with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _ = (pathlib.Path(folder) / "zeros.jsonl").write_text('{"seq": 0, "pos": 0, "experts": [0]}')
+        ...     _ = read_trace(pathlib.Path(folder) / "zeros.jsonl", options=ReadOptions(num_experts=4))
+        >>> [warning.category.__name__ for warning in caught]
+        ['TraceReadWarning']
+    """
 
 
 @dataclass(frozen=True)
@@ -43,6 +62,11 @@ class ReadOptions:
         num_layers, top_k: the shape of SGLang's raw int32 bytes, which carry no shape.
         micro_batch_size: B of Megatron's ``[s, b]`` token order.
         on_bytes: called with the number of bytes just read, every few MB of a JSON-lines file (a progress bar).
+
+    Example:
+        >>> import dataclasses
+        >>> dataclasses.replace(ReadOptions(num_experts=64, layers="1-47"), top_k=8)
+        ReadOptions(num_experts=64, layers='1-47', num_layers=None, top_k=8, micro_batch_size=None, on_bytes=None)
     """
 
     num_experts: Optional[Union[int, Tuple[int, ...]]] = None

@@ -17,8 +17,9 @@ reference is O(d + 1) however deep the stack is. Two kernels do this, picked by 
 * ``_scan_depth_hits`` (up to ``SCAN_MAX_SLOTS``, layer level): the stack holds uint32 expert ids and the keys
   live per expert, so SCH's look-ahead updates touch no stack position and there is no position array at
   all. The push-down scan itself finds ``x`` (a sentinel copy of ``x`` below the stack stops it for a new
-  expert), each position is a branch-free compare-and-move, and token lookup ranks a row's experts in one
-  pass over the stack per token. Its only unpredictable branch is where the scan stops.
+  expert) and each position is a branch-free compare-and-move. Token lookup needs no pass of its own: the
+  scans of a token note the token-start depths of the row's experts as they first reach them. Its only
+  unpredictable branches are where a scan stops and where it passes the deepest position read in the token.
 * ``_stack_depth_hits`` (deeper model-level stacks): each key is stored next to its expert in the stack
   (``stack_key``) and a position index finds ``x``. The walk branches only where the carry changes, which at
   model level is a few of the hundreds of positions walked, and beats the branch-free scan there (measured,
@@ -256,6 +257,15 @@ def _stack_depth_hits(topk, lengths, hits, num_experts, policy, seg_len, free_sl
             hits[s, d] = total
 
 
+@numba.njit(inline="always")
+def _keep_higher_key(stack, key, q, y, carry, carry_key):
+    """One branch-free step of the push-down at position q, which holds y: the higher key stays at q."""
+    y_key = key[y]
+    lower = y_key < carry_key
+    stack[q] = carry if lower else y
+    return (y if lower else carry), (y_key if lower else carry_key)
+
+
 @numba.njit(cache=True, nogil=True)
 def _scan_depth_hits(topk, lengths, hits, num_experts, policy, seg_len, free_slot_hits, sequential):
     num_sequences, _, num_slots = topk.shape
@@ -264,8 +274,9 @@ def _scan_depth_hits(topk, lengths, hits, num_experts, policy, seg_len, free_slo
     # per expert, not per position: SCH look-ahead updates need no position lookup
     key = np.empty(num_experts, np.int64)
     seen = np.empty(num_experts, np.bool_)
-    # the row slot of each expert during a token's rank pass; num_slots = not in the row
+    # the row slot of each expert during a token; num_slots = not in the row
     slot_of = np.empty(num_experts, np.int64)
+    slot_of[:] = num_slots
     count = np.empty(num_experts, np.int64)
     at_depth = np.empty(num_experts, np.int64)
     row_depth = np.empty(num_slots + 1, np.int64)  # entry num_slots absorbs the stores of experts not in the row
@@ -275,7 +286,6 @@ def _scan_depth_hits(topk, lengths, hits, num_experts, policy, seg_len, free_slo
     for s in range(num_sequences):
         num_tokens = lengths[s]
         seen[:] = False
-        slot_of[:] = num_slots
         count[:] = 0
         key[:] = 0
         at_depth[:] = 0
@@ -283,30 +293,17 @@ def _scan_depth_hits(topk, lengths, hits, num_experts, policy, seg_len, free_slo
         _prepare_keys(topk, s, num_tokens, num_experts, policy, seg_len, next_use, upcoming, count)
         n = 0
         for i in range(num_tokens):
+            # Token lookup needs each reference's depth in the stack as it was at token start. A push-down
+            # only moves experts it reads, so the scans of a token leave every position below the deepest one
+            # read so far (``reach``) holding its token-start expert: each scan notes the depths of the row's
+            # experts it reads past ``reach``, and an expert found past it stood there at token start (a new
+            # expert stops at the sentinel, at the next free slot: the free-slot rule).
+            reach = num_experts if sequential else -1
             if not sequential:
-                # rank pass: depths of the row's experts in the stack as it was at token start; first
-                # references of the row take consecutive free slots (the free-slot rule)
-                wanted = 0
-                first_refs = 0
                 for j in range(num_slots):
                     x = topk[s, i, j]
                     if x >= 0:
-                        if seen[x]:
-                            slot_of[x] = j
-                            wanted += 1
-                        else:
-                            row_depth[j] = num_seen + first_refs
-                            first_refs += 1
-                q = 0
-                while wanted > 0:
-                    j = slot_of[stack[q]]
-                    row_depth[j] = q
-                    wanted -= j != num_slots
-                    q += 1
-                for j in range(num_slots):
-                    x = topk[s, i, j]
-                    if x >= 0:
-                        slot_of[x] = num_slots
+                        slot_of[x] = j
             for j in range(num_slots):
                 x = topk[s, i, j]
                 if x < 0:
@@ -319,15 +316,19 @@ def _scan_depth_hits(topk, lengths, hits, num_experts, policy, seg_len, free_slo
                 carry_key = _ABOVE_EVERY_KEY
                 q = 0
                 y = stack[0]
+                while y != x and q <= reach:
+                    carry, carry_key = _keep_higher_key(stack, key, q, y, carry, carry_key)
+                    q += 1
+                    y = stack[q]
                 while y != x:
-                    y_key = key[y]
-                    lower = y_key < carry_key
-                    stack[q] = carry if lower else y
-                    carry = y if lower else carry
-                    carry_key = y_key if lower else carry_key
+                    row_depth[slot_of[y]] = q
+                    carry, carry_key = _keep_higher_key(stack, key, q, y, carry, carry_key)
                     q += 1
                     y = stack[q]
                 stack[q] = carry
+                if q > reach:
+                    row_depth[j] = q
+                    reach = q
                 if not was_seen:
                     seen[x] = True
                     num_seen += 1
@@ -335,6 +336,11 @@ def _scan_depth_hits(topk, lengths, hits, num_experts, policy, seg_len, free_slo
                     at_depth[q if sequential else row_depth[j]] += 1
                 key[x] = _referenced_key(policy, count, x, n, next_use)
                 n += 1
+            if not sequential:
+                for j in range(num_slots):
+                    x = topk[s, i, j]
+                    if x >= 0:
+                        slot_of[x] = num_slots
             if policy == _SCH and i + seg_len < num_tokens:
                 for j in range(num_slots):
                     y = topk[s, i + seg_len, j]

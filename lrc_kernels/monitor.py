@@ -65,6 +65,12 @@ class RoutingMonitor:
     The cache estimate is the **pooled ratio** Σhits/ΣN over every sequence seen, which weighs sequences by
     their reference counts; :func:`lrc_kernels.cache_curve` instead averages per-sequence rates. They agree
     when every sequence has the same number of references (fixed-length batches without -1).
+
+    Example (a cache of 1·k = 2 slots: the free slots take token 0, tokens 1 and 3 hit, token 2 misses twice):
+        >>> monitor = RoutingMonitor(seg_lens=(2,), policies=("lru",), num_experts=4)
+        >>> monitor.update({"layer0": torch.tensor([[[0, 1], [0, 1], [2, 3], [2, 3]]])})
+        >>> monitor.compute()["hit@1k/lru"].tolist()
+        [0.75]
     """
 
     def __init__(self, seg_lens: Sequence[int] = (4, 16, 64, 256),

@@ -33,7 +33,13 @@ def available_cores() -> int:
 
 
 def get_num_threads() -> int:
-    """Threads the CPU kernels use: the value given to :func:`set_num_threads`, else :func:`available_cores`."""
+    """Threads the CPU kernels use: the value given to :func:`set_num_threads`, else :func:`available_cores`.
+
+    Example:
+        >>> import lrc_kernels
+        >>> lrc_kernels.set_num_threads(None); lrc_kernels.get_num_threads() == available_cores()
+        True
+    """
     return _configured_threads if _configured_threads is not None else available_cores()
 
 

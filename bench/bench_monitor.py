@@ -21,6 +21,11 @@ script also prints a component estimate: (median update + median log / log_every
     python bench/bench_monitor.py                 # default monitor, 60 steps of each kind
     python bench/bench_monitor.py --policies sch@16 lru lfu belady   # SCH at one look-ahead only
     python bench/bench_monitor.py --breakdown   # also: where update's time goes, outside training
+    python bench/bench_monitor.py --hidden-size 512   # the same MoE layout with wider layers
+
+``--hidden-size H`` builds the shipped model's configuration with hidden and expert sizes H (random weights):
+the same 4 layers, 16 experts and top-2, so the monitor does the same work per step while the step costs
+more. It shows how the overhead scales with the model; the default model is the one the goal is about.
 
 ``--breakdown`` records one batch and times, outside any training step, ``monitor.update`` and each piece of
 work it does for the default layout (one validation of the stacked layers; SRP histograms per L; each cache
@@ -38,7 +43,7 @@ import sys
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "examples")]  # the checkout's lrc_kernels, the example's batches
@@ -53,7 +58,13 @@ class Bench:
     def __init__(self, args):
         torch.manual_seed(0)
         model_dir = DATA_DIR / "tiny_moe"
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir).train()
+        if args.hidden_size is None:
+            self.model = AutoModelForCausalLM.from_pretrained(model_dir).train()
+        else:
+            config = AutoConfig.from_pretrained(model_dir)
+            config.hidden_size = config.intermediate_size = args.hidden_size
+            config.head_dim = args.hidden_size // config.num_attention_heads
+            self.model = AutoModelForCausalLM.from_config(config).train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
         self.batches = token_batches(AutoTokenizer.from_pretrained(model_dir), args.batch_size, args.seq_len)
         self.log_every = args.log_every
@@ -148,6 +159,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seg-lens", type=int, nargs="+", help="RoutingMonitor seg_lens (default: its own)")
     parser.add_argument("--policies", nargs="+", help="RoutingMonitor policies, e.g. sch@16 lru (default: its own)")
     parser.add_argument("--breakdown", action="store_true", help="also time update's pieces on one batch")
+    parser.add_argument("--hidden-size", type=int, help="hidden and expert size of a wider model (random weights) "
+                                                        "instead of the shipped one")
     args = parser.parse_args(argv)
     if args.steps < args.log_every:
         parser.error(f"--steps ({args.steps}) must be at least --log-every ({args.log_every}) to time a log")
@@ -179,6 +192,10 @@ def main(argv=None) -> None:
     monitor = bench.monitor
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    config = bench.model.config
+    print(f"model: {config.num_hidden_layers} layers, {config.num_local_experts} experts, top-"
+          f"{config.num_experts_per_tok}, hidden {config.hidden_size}, "
+          f"{sum(p.numel() for p in bench.model.parameters()) / 1e6:.1f} M parameters")
     print(f"monitor: seg_lens={monitor.seg_lens}, caches={monitor.cache_names}, "
           f"model_level={monitor.model_level}, num_bootstrap={monitor.num_bootstrap}")
     print(f"{args.steps} steps of each kind, {args.batch_size} x {args.seq_len} tokens, a log every "

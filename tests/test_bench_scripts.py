@@ -30,6 +30,14 @@ def test_bench_monitor_runs_the_default_monitor_on_a_short_run():
     assert re.search(r"cache sch@256 +layer level \d+\.\d+, model level \(64 slots\) \d+\.\d+", result.stdout)
 
 
+def test_bench_monitor_builds_a_wider_model_of_the_same_layout():
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_monitor.py"), "--hidden-size", "64",
+                             "--steps", "2", "--log-every", "2", "--warmup", "0", "--batch-size", "2",
+                             "--seq-len", "32"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "model: 4 layers, 16 experts, top-2, hidden 64," in result.stdout, result.stdout
+
+
 def test_bench_srp_small_run_agrees_with_the_dense_baseline():
     # The script raises if the dense baseline, the API and the kernel return different integers.
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_srp.py"), "--sizes", "8", "--tokens", "40",

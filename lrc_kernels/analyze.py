@@ -24,12 +24,13 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ._checks import check_choice, check_int
+from . import dispatch
+from ._checks import check_allocation, check_choice, check_int, check_topk
 from ._meta import merged_meta
 from .bootstrap import check_bootstrap_options, resample_weights
-from .cache import POLICIES, cache_curve, curve_from_hits
+from .cache import POLICIES, curve_from_hits
 from .routing import concat_layers
-from .srp import coverage_ratio, score_sequences, segment_coverage, srp_counts
+from .srp import coverage_counts, coverage_ratio, score_sequences
 from .trace import PHASES, RoutingTrace
 
 CURVE_FIELDS = ("hit_rate", "ci_low", "ci_high")
@@ -140,16 +141,28 @@ def _cache_keys(seg_lens: Sequence[int], policies: Sequence[str]) -> list:
 
 
 def _stream_statistics(topk, num_experts, lengths, seg_lens, cache_keys, srp_histograms, backend):
-    hits = {}
-    for key, policy, look_ahead in cache_keys:
-        curve = cache_curve(topk, num_experts, policy, seg_len=look_ahead, lengths=lengths, backend=backend)
-        hits[key], num_references = curve.hits, curve.num_references
-    coverage = {seg_len: segment_coverage(topk, num_experts, seg_len, lengths=lengths, backend=backend).sum(0)
-                for seg_len in seg_lens}
+    """One stream's statistics, validated once: every statistic is then a backend call on the trusted ids.
+
+    ``srp_histograms`` is ``{L: [S, L+1]}`` for the model-level stream (the layers' sums); ``None`` for a
+    layer, whose histograms are computed here.
+    """
+    ids, lengths, _ = check_topk(topk, num_experts, lengths=lengths)
+    num_seqs = ids.shape[0]
+    check_allocation((num_seqs, num_experts), "num_experts", "hits [S, E]")
+    if srp_histograms is None:
+        srp_histograms = {}
+        for seg_len in seg_lens:
+            check_allocation((num_seqs, seg_len + 1), "seg_len", "histograms [S, L+1]")
+            srp_histograms[seg_len] = dispatch.run("srp_pooled_counts", backend, ids, lengths, num_experts, seg_len)
+    # the defaults of cache_curve: free-slot hits, token lookup
+    hits = {key: dispatch.run("cache_hits", backend, ids, lengths, num_experts, policy, look_ahead, True, "token")
+            for key, policy, look_ahead in cache_keys}
+    num_references = (ids >= 0).sum(dim=(1, 2)).to(torch.int64)
+    coverage = {seg_len: coverage_counts(ids, lengths, num_experts, seg_len, backend).sum(0) for seg_len in seg_lens}
     return StreamStatistics(srp=srp_histograms, hits=hits, num_references=num_references, coverage=coverage)
 
 
-def _check_options(trace, seg_lens, policies, phase):
+def _check_options(trace, seg_lens, policies, phase, backend):
     if not isinstance(trace, RoutingTrace):
         raise TypeError(f"trace: expected a lrc_kernels.RoutingTrace, received {type(trace).__name__}")
     seg_lens = tuple(check_int(seg_len, "seg_lens", minimum=1) for seg_len in seg_lens)
@@ -158,6 +171,7 @@ def _check_options(trace, seg_lens, policies, phase):
         if not values or len(set(values)) != len(values):
             raise ValueError(f"{name}: expected a non-empty sequence without repeats, received {list(values)}")
     check_choice(phase, "phase", PHASES)
+    dispatch.check_backend(backend)
     if len(set(trace.experts_per_layer)) != 1:
         raise ValueError(f"trace.num_experts: the model-level stream needs the same number of experts in every "
                          f"layer, received {list(trace.experts_per_layer)}")
@@ -187,7 +201,7 @@ def collect_statistics(trace, *, seg_lens: Sequence[int] = (4, 16, 64, 256),
         >>> collect_statistics(trace, seg_lens=(2,), policies=("lru",)).layers[0].srp[2].tolist()
         [[1, 4, 1]]
     """
-    seg_lens, policies = _check_options(trace, seg_lens, policies, phase)
+    seg_lens, policies = _check_options(trace, seg_lens, policies, phase, backend)
     phases = {}
     if phase == "all" and trace.phase is not None:
         phases = {name: collect_statistics(trace, seg_lens=seg_lens, policies=policies, phase=name,
@@ -199,10 +213,8 @@ def collect_statistics(trace, *, seg_lens: Sequence[int] = (4, 16, 64, 256),
     cache_keys = _cache_keys(seg_lens, policies)
     layers = []
     for index in range(num_layers):
-        topk = trace.layer(index)
-        histograms = {seg_len: srp_counts(topk, num_experts, seg_len, lengths=lengths, pool="experts",
-                                          backend=backend) for seg_len in seg_lens}
-        layers.append(_stream_statistics(topk, num_experts, lengths, seg_lens, cache_keys, histograms, backend))
+        layers.append(_stream_statistics(trace.layer(index), num_experts, lengths, seg_lens, cache_keys, None,
+                                         backend))
         if progress is not None:
             progress(index + 1, num_layers + 1)
     # Tokens past a row's length are never read (RoutingTrace): concat_layers writes -1 there.

@@ -117,11 +117,20 @@ def segment_coverage(topk: torch.Tensor, num_experts: int, seg_len: int, *,
     dispatch.check_backend(backend)
     ids, lengths, unbatched = check_topk(topk, num_experts, lengths=lengths)
     seg_len = check_int(seg_len, "seg_len", minimum=1)
-    if seg_len > ids.shape[-2]:  # no sequence has a window; the kernels would size tables by L for nothing
-        coverage = torch.zeros(ids.shape[0], num_experts, dtype=torch.int64, device=ids.device)
-        return coverage[0] if unbatched else coverage
-    coverage = dispatch.run("segment_coverage", backend, ids, lengths, num_experts, seg_len)
+    coverage = coverage_counts(ids, lengths, num_experts, seg_len, backend)
     return coverage[0] if unbatched else coverage
+
+
+def coverage_counts(ids: torch.Tensor, lengths: torch.Tensor, num_experts: int, seg_len: int,
+                    backend: str) -> torch.Tensor:
+    """:func:`segment_coverage` of routing that ``check_topk`` already validated: int64 ``[S, E]``.
+
+    Trusted internal of :func:`segment_coverage` and :func:`lrc_kernels.analyze` (inputs are not validated
+    again).
+    """
+    if seg_len > ids.shape[-2]:  # no sequence has a window; the kernels would size tables by L for nothing
+        return torch.zeros(ids.shape[0], num_experts, dtype=torch.int64, device=ids.device)
+    return dispatch.run("segment_coverage", backend, ids, lengths, num_experts, seg_len)
 
 
 def coverage_ratio(coverage: torch.Tensor) -> torch.Tensor:

@@ -168,8 +168,6 @@ def per_sequence_statistics(statistics: Sequence[Statistic], names: List[str], l
     num_layers, num_seqs, num_tokens = len(layers), layers[0].shape[0], layers[0].shape[1]
     device = layers[0].device
     layer_statistics = [s for s in statistics if not s.model_level]
-    per_seq = {s.key: torch.zeros(num_layers, num_seqs, s.width or 1, dtype=torch.int64, device=device)
-               for s in layer_statistics}
 
     def hits(cache: CacheSpec, ids: torch.Tensor, ids_lengths: torch.Tensor, slots: int) -> torch.Tensor:
         return dispatch.run("cache_hits", backend, ids, ids_lengths, slots, cache.policy, cache.seg_len,
@@ -180,8 +178,13 @@ def per_sequence_statistics(statistics: Sequence[Statistic], names: List[str], l
     groups: Dict[tuple, List[int]] = {}
     for q, topk in enumerate(layers):
         groups.setdefault((num_experts[q], topk.shape[-1]), []).append(q)
+    # With one group (equal E and k everywhere, the usual case) its results are the per-layer statistics as
+    # they come; several groups are copied into zero-padded [n, S, width] tensors.
+    per_seq: Dict[str, torch.Tensor] = {}
+    if len(groups) > 1:
+        per_seq = {s.key: torch.zeros(num_layers, num_seqs, s.width or 1, dtype=torch.int64, device=device)
+                   for s in layer_statistics}
     for (experts, _), members in groups.items():
-        index = torch.tensor(members, device=device)
         stacked = torch.cat([layers[q] for q in members]) if len(members) > 1 else layers[members[0]]
         label = f"routing[{names[members[0]]!r}]" if len(members) == 1 else \
             f"routing (layers {[names[q] for q in members]} stacked layer-major into [n*B, T, k])"
@@ -194,16 +197,19 @@ def per_sequence_statistics(statistics: Sequence[Statistic], names: List[str], l
                 check_topk(layers[q], experts, name=f"routing[{names[q]!r}]", lengths=lengths)
             raise
         view = (len(members), num_seqs, -1)
+        index = torch.tensor(members, device=device) if len(groups) > 1 else None
         for statistic in layer_statistics:
-            target = per_seq[statistic.key]
             if statistic.kind == "srp":
-                counts = dispatch.run("srp_pooled_counts", backend, ids, group_lengths, experts, statistic.seg_len)
-                target.index_copy_(0, index, counts.view(view))
+                value = dispatch.run("srp_pooled_counts", backend, ids, group_lengths, experts, statistic.seg_len)
             elif statistic.kind == "hits":
-                target[..., :experts].index_copy_(0, index, hits(statistic.cache, ids, group_lengths,
-                                                                 experts).view(view))
+                value = hits(statistic.cache, ids, group_lengths, experts)
             else:  # check_topk already wrote -1 past each sequence's length
-                target.index_copy_(0, index, (ids >= 0).sum(dim=(1, 2)).view(view))
+                value = (ids >= 0).sum(dim=(1, 2))
+            value = value.view(view)
+            if index is None:
+                per_seq[statistic.key] = value
+            else:
+                per_seq[statistic.key][..., :value.shape[-1]].index_copy_(0, index, value)
         stacked_ids, stacked_lengths = ids, group_lengths
 
     model_statistics = [s for s in statistics if s.model_level]

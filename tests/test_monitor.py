@@ -81,6 +81,29 @@ def test_state_equals_library_on_union():
     assert "model/hit@4k/lru" not in metrics
 
 
+def test_layers_of_different_experts_and_k_equal_library():
+    # Layers of unequal (E, k) run as separate stacked groups; their states share one zero-padded width.
+    generator = torch.Generator().manual_seed(3)
+    shapes = {"a": (6, 2), "b": (4, 1), "c": (6, 2)}  # (E, k) per layer
+    routing = {name: torch.rand(3, 11, e, generator=generator).argsort(-1)[..., :k]
+               for name, (e, k) in shapes.items()}
+    lengths = torch.tensor([11, 7, 0])
+    monitor = RoutingMonitor(seg_lens=SEG_LENS, policies=("sch", "lru", "belady"), model_level=False,
+                             num_experts=[e for e, _ in shapes.values()])
+    monitor.update(routing, lengths)
+    state = monitor.state_dict()["state"]
+    for q, (name, (e, _)) in enumerate(shapes.items()):
+        topk = routing[name]
+        for L in SEG_LENS:
+            assert torch.equal(state[f"srp@{L}"][q], lk.srp_counts(topk, e, L, lengths=lengths).sum(dim=(0, 1)))
+        for cache, policy, seg_len in [(f"sch@{L}", "sch", L) for L in SEG_LENS] + [("lru", "lru", None),
+                                                                                   ("belady", "belady", None)]:
+            expected = lk.cache_hits(topk, e, policy, seg_len=seg_len, lengths=lengths).sum(0)
+            assert torch.equal(state[f"hits/{cache}"][q], torch.nn.functional.pad(expected, (0, 6 - e)))
+        in_length = (torch.arange(topk.shape[1]) < lengths[:, None])[..., None]
+        assert int(state["references"][q]) == int(((topk >= 0) & in_length).sum())
+
+
 def test_list_input_matches_dict_input():
     batches = _batches(1)
     by_dict, by_list = _monitor(), _monitor()

@@ -303,16 +303,17 @@ def _scan_depth_hits(topk, lengths, hits, num_experts, policy, seg_len, free_slo
                 for j in range(num_slots):
                     x = topk[s, i, j]
                     if x >= 0:
-                        slot_of[x] = j
+                        slot_of[np.uint32(x)] = j
             for j in range(num_slots):
-                x = topk[s, i, j]
-                if x < 0:
+                signed_x = topk[s, i, j]
+                if signed_x < 0:
                     continue
+                x = np.uint32(signed_x)  # unsigned, so no index below needs a negative-index wraparound
                 was_seen = seen[x]
                 # push-down: x enters as a carry above every key, so position 0 takes it; the scan stops
                 # where x stood, or at the sentinel copy of x below the stack if x is new
                 stack[num_seen] = x
-                carry = np.uint32(x)
+                carry = x
                 carry_key = _ABOVE_EVERY_KEY
                 q = 0
                 y = stack[0]
@@ -321,7 +322,7 @@ def _scan_depth_hits(topk, lengths, hits, num_experts, policy, seg_len, free_slo
                     q += 1
                     y = stack[q]
                 while y != x:
-                    row_depth[slot_of[y]] = q
+                    row_depth[np.uint64(slot_of[y])] = q
                     carry, carry_key = _keep_higher_key(stack, key, q, y, carry, carry_key)
                     q += 1
                     y = stack[q]
@@ -333,20 +334,20 @@ def _scan_depth_hits(topk, lengths, hits, num_experts, policy, seg_len, free_slo
                     seen[x] = True
                     num_seen += 1
                 if was_seen or free_slot_hits:
-                    at_depth[q if sequential else row_depth[j]] += 1
+                    at_depth[np.uint64(q if sequential else row_depth[j])] += 1
                 key[x] = _referenced_key(policy, count, x, n, next_use)
                 n += 1
             if not sequential:
                 for j in range(num_slots):
                     x = topk[s, i, j]
                     if x >= 0:
-                        slot_of[x] = num_slots
+                        slot_of[np.uint32(x)] = num_slots
             if policy == _SCH and i + seg_len < num_tokens:
                 for j in range(num_slots):
                     y = topk[s, i + seg_len, j]
                     if y >= 0:
-                        count[y] += 1
-                        key[y] += _PAIR_SHIFT  # unseen experts' keys are set at their first reference
+                        count[np.uint32(y)] += 1
+                        key[np.uint32(y)] += _PAIR_SHIFT  # unseen experts' keys are set at their first reference
         total = 0
         for d in range(num_experts):
             total += at_depth[d]

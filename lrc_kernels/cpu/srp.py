@@ -40,15 +40,17 @@ def _srp_histograms(topk, lengths, histograms, num_experts, seg_len, expert_stri
                     count[e] += 1
         for w in range(1, num_windows):
             for j in range(num_slots):
-                e = topk[s, w - 1, j]
-                if e >= 0:
-                    histograms[s, e * expert_stride + count[e]] += w - since[e]
+                signed_e = topk[s, w - 1, j]
+                if signed_e >= 0:
+                    e = np.uint32(signed_e)  # unsigned indices need no negative-index wraparound
+                    histograms[s, np.uint64(e * expert_stride + count[e])] += w - since[e]
                     since[e] = w
                     count[e] -= 1
             for j in range(num_slots):
-                e = topk[s, w + seg_len - 1, j]
-                if e >= 0:
-                    histograms[s, e * expert_stride + count[e]] += w - since[e]
+                signed_e = topk[s, w + seg_len - 1, j]
+                if signed_e >= 0:
+                    e = np.uint32(signed_e)  # unsigned indices need no negative-index wraparound
+                    histograms[s, np.uint64(e * expert_stride + count[e])] += w - since[e]
                     since[e] = w
                     count[e] += 1
         for e in range(num_experts):

@@ -28,8 +28,8 @@ the same 4 layers, 16 experts and top-2, so the monitor does the same work per s
 more. It shows how the overhead scales with the model; the default model is the one the goal is about.
 
 ``--breakdown`` records one batch and times, outside any training step, ``monitor.update`` and each piece of
-work it does for the default layout (one validation of the stacked layers; SRP histograms per L; each cache
-pass at layer level and on the model-level stream), each the median of 30 calls.
+work it does for the default layout (one validation of the stacked layers; the SRP histograms of every L, one
+call; each cache pass at layer level and on the model-level stream), each the median of 30 calls.
 """
 
 from __future__ import annotations
@@ -138,9 +138,9 @@ def print_breakdown(bench: Bench) -> None:
     print(f"breakdown on one batch, outside training (median of 30 calls, ms): update "
           f"{median_ms(lambda: monitor.update(routing, lengths)):.2f}; validation of the {num_layers} stacked "
           f"layers {median_ms(lambda: check_topk(stacked, num_experts, lengths=lengths.repeat(num_layers))):.2f}")
-    print("  SRP histograms: " + ", ".join(
-        f"L={L} {median_ms(lambda: dispatch.run('srp_pooled_counts', monitor.backend, ids, stacked_lengths, num_experts, L)):.2f}"
-        for L in monitor.seg_lens))
+    srp_ms = median_ms(lambda: dispatch.run("srp_pooled_counts", monitor.backend, ids, stacked_lengths, num_experts,
+                                            monitor.seg_lens))
+    print(f"  SRP histograms, L = {', '.join(map(str, monitor.seg_lens))} in one call: {srp_ms:.2f}")
     for name, policy, seg_len in monitor._cache_specs:
         layer_ms = cache_ms(ids, stacked_lengths, num_experts, policy, seg_len)
         model_ms = cache_ms(stream, lengths, num_layers * num_experts, policy, seg_len)

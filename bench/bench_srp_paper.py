@@ -7,8 +7,9 @@ Workload: S = 2048 sequences x T = 512 tokens, top-8 of E = 64 experts, L = 4, 1
   the replicates, then the same scoring as ours (``srp_score``, ``basic_interval``). For the srp row its
   histogram is pooled over experts (``[S, L+1]``, the cheapest form that layer-level SRP needs); for the
   srp_counts row it is the per-expert ``[S, E, L+1]`` that srp_counts returns.
-- ``ours``: ``lrc_kernels.srp(topk, E, L, level="layer", weights=W)`` for each L (input validation included;
-  the kernel pools over experts as it goes), and ``lrc_kernels.srp_counts`` for each L.
+- ``ours``: one ``lrc_kernels.srp(topk, E, [4, 16, 64, 256], level="layer", weights=W)`` call (input
+  validated once, one CPU sweep for all L whose kernel pools over experts as it goes), and
+  ``lrc_kernels.srp_counts`` for each L.
 
 Both get the same trace and the same weight matrix W; best_f1 and both CI bounds (srp) and every histogram
 (srp_counts) must be equal, checked in the same run. Times are wall time, best of ``--repeats``, CPU kernels
@@ -62,12 +63,9 @@ def paper_srp(topk, num_experts, seg_lens, weights, confidence):
 
 
 def our_srp(topk, num_experts, seg_lens, weights, confidence):
-    results = {}
-    for seg_len in seg_lens:
-        score = lrc_kernels.srp(topk, num_experts, seg_len, level="layer", weights=weights, confidence=confidence,
-                                backend="cpu")
-        results[seg_len] = (score.best_f1, score.ci_low, score.ci_high)
-    return results
+    scores = lrc_kernels.srp(topk, num_experts, list(seg_lens), level="layer", weights=weights,
+                             confidence=confidence, backend="cpu")
+    return {seg_len: (score.best_f1, score.ci_low, score.ci_high) for seg_len, score in scores.items()}
 
 
 def our_counts(topk, num_experts, seg_lens):

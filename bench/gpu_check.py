@@ -122,13 +122,14 @@ def check_correctness(args, device, small):
         print(f"  {label}: S={num_sequences} T={num_tokens} E={slots} k={topk.shape[2]}", flush=True)
 
         if num_layers == 1:
+            for seg_len, pooled_cpu, pooled_triton in zip(
+                    srp_seg_lens, cpu_srp.srp_pooled_counts(cpu_topk, cpu_lengths, slots, srp_seg_lens),
+                    triton_srp.srp_pooled_counts(topk, lengths, slots, srp_seg_lens)):
+                checker.equal(f"{label} srp_pooled_counts L={seg_len}", pooled_triton, pooled_cpu)
             for seg_len in srp_seg_lens:
                 checker.equal(f"{label} srp_counts L={seg_len}",
                               triton_srp.srp_counts(topk, lengths, slots, seg_len),
                               cpu_srp.srp_counts(cpu_topk, cpu_lengths, slots, seg_len))
-                checker.equal(f"{label} srp_pooled_counts L={seg_len}",
-                              triton_srp.srp_pooled_counts(topk, lengths, slots, seg_len),
-                              cpu_srp.srp_pooled_counts(cpu_topk, cpu_lengths, slots, seg_len))
                 if slots <= MAX_COVERAGE_EXPERTS:
                     checker.equal(f"{label} segment_coverage L={seg_len}",
                                   triton_srp.segment_coverage(topk, lengths, slots, seg_len),
@@ -197,7 +198,7 @@ def time_paper_scale(args, device):
 
         def run():
             # pooled over experts in the kernel, per sequence: [n, S, L+1], what layer and model level need
-            return torch.stack([triton_srp.srp_pooled_counts(layer_topk[q], lengths, num_experts, seg_len)
+            return torch.stack([triton_srp.srp_pooled_counts(layer_topk[q], lengths, num_experts, (seg_len,))[0]
                                 for q in range(n)])
         pooled, seconds = best_of(run, 1, cuda=True)
         windows = n * num_sequences * max(num_tokens - seg_len + 1, 0)

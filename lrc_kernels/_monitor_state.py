@@ -198,9 +198,12 @@ def per_sequence_statistics(statistics: Sequence[Statistic], names: List[str], l
             raise
         view = (len(members), num_seqs, -1)
         index = torch.tensor(members, device=device) if len(groups) > 1 else None
+        seg_lens = tuple(statistic.seg_len for statistic in layer_statistics if statistic.kind == "srp")
+        srp_histograms = dict(zip(seg_lens, dispatch.run("srp_pooled_counts", backend, ids, group_lengths, experts,
+                                                         seg_lens))) if seg_lens else {}
         for statistic in layer_statistics:
             if statistic.kind == "srp":
-                value = dispatch.run("srp_pooled_counts", backend, ids, group_lengths, experts, statistic.seg_len)
+                value = srp_histograms[statistic.seg_len]
             elif statistic.kind == "hits":
                 value = hits(statistic.cache, ids, group_lengths, experts)
             else:  # check_topk already wrote -1 past each sequence's length

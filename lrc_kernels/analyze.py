@@ -150,10 +150,9 @@ def _stream_statistics(topk, num_experts, lengths, seg_lens, cache_keys, srp_his
     num_seqs = ids.shape[0]
     check_allocation((num_seqs, num_experts), "num_experts", "hits [S, E]")
     if srp_histograms is None:
-        srp_histograms = {}
-        for seg_len in seg_lens:
-            check_allocation((num_seqs, seg_len + 1), "seg_len", "histograms [S, L+1]")
-            srp_histograms[seg_len] = dispatch.run("srp_pooled_counts", backend, ids, lengths, num_experts, seg_len)
+        check_allocation((num_seqs, sum(seg_len + 1 for seg_len in seg_lens)), "seg_len", "histograms [S, L+1]")
+        srp_histograms = dict(zip(seg_lens, dispatch.run("srp_pooled_counts", backend, ids, lengths, num_experts,
+                                                         seg_lens)))
     # the defaults of cache_curve: free-slot hits, token lookup
     hits = {key: dispatch.run("cache_hits", backend, ids, lengths, num_experts, policy, look_ahead, True, "token")
             for key, policy, look_ahead in cache_keys}

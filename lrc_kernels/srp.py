@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -91,8 +91,10 @@ def srp_counts(topk: torch.Tensor, num_experts: int, seg_len: int, *, lengths: O
     seg_len = check_int(seg_len, "seg_len", minimum=1)
     shape = (ids.shape[0], num_experts, seg_len + 1) if pool is None else (ids.shape[0], seg_len + 1)
     check_allocation(shape, "seg_len", "histograms [S, E, L+1]" if pool is None else "histograms [S, L+1]")
-    kernel = "srp_counts" if pool is None else "srp_pooled_counts"
-    counts = dispatch.run(kernel, backend, ids, lengths, num_experts, seg_len)
+    if pool is None:
+        counts = dispatch.run("srp_counts", backend, ids, lengths, num_experts, seg_len)
+    else:
+        counts, = dispatch.run("srp_pooled_counts", backend, ids, lengths, num_experts, (seg_len,))
     return counts[0] if unbatched else counts
 
 
@@ -228,31 +230,49 @@ def _check_routing(topk, num_experts: int, level: str, lengths):
     return ids, lengths
 
 
-def _check_histogram_memory(ids: torch.Tensor, num_experts: int, seg_len: int, level: str) -> None:
-    """Refuse per-sequence histograms beyond this machine's memory (``check_allocation``)."""
+def _check_seg_lens(seg_len) -> Tuple[int, ...]:
+    """``seg_len``: an int L >= 1, or a non-empty list, tuple or range of distinct such ints."""
+    if not isinstance(seg_len, (list, tuple, range)):
+        return (check_int(seg_len, "seg_len", minimum=1),)
+    seg_lens = tuple(check_int(value, "seg_len", minimum=1) for value in seg_len)
+    if not seg_lens or len(set(seg_lens)) != len(seg_lens):
+        raise ValueError(f"seg_len: expected an int >= 1 or a non-empty sequence of distinct ones, "
+                         f"received {list(seg_lens)}")
+    return seg_lens
+
+
+def _check_histogram_memory(ids: torch.Tensor, num_experts: int, seg_lens: Tuple[int, ...],
+                            level: str) -> None:
+    """Refuse per-sequence histograms beyond this machine's memory (``check_allocation``); all L live at once."""
+    width = sum(seg_len + 1 for seg_len in seg_lens)
     if level == "expert":
-        check_allocation((ids.shape[0], num_experts, seg_len + 1), "seg_len", "per-sequence histograms [S, E, L+1]")
+        check_allocation((ids.shape[0], num_experts, width), "seg_len", "per-sequence histograms [S, E, L+1]")
     else:
-        check_allocation((ids.shape[-3], seg_len + 1), "seg_len", "per-sequence histograms [S, L+1]")
+        check_allocation((ids.shape[-3], width), "seg_len", "per-sequence histograms [S, L+1]")
 
 
-def _per_sequence_histograms(ids: torch.Tensor, lengths: torch.Tensor, num_experts: int, seg_len: int,
-                             level: str, backend: str) -> torch.Tensor:
-    """Histograms ``[S, E, L+1]`` (expert level) or ``[S, L+1]`` (layer, model) of validated routing."""
-    if level == "model":
-        num_layers, num_seqs = ids.shape[0], ids.shape[1]
-        # layers x sequences are independent rows for the kernel; groups of layers bound the [rows, L+1] output
-        group = max(1, min(num_layers, _MODEL_GROUP_BYTES // max(1, num_seqs * (seg_len + 1) * 8)))
-        pooled = torch.zeros((num_seqs, seg_len + 1), dtype=torch.int64, device=ids.device)
-        for first in range(0, num_layers, group):
-            layers = ids[first:first + group]
-            rows = layers.reshape(layers.shape[0] * num_seqs, ids.shape[2], ids.shape[3])
-            counts = dispatch.run("srp_pooled_counts", backend, rows, lengths.repeat(layers.shape[0]), num_experts,
-                                  seg_len)
-            pooled += counts.view(layers.shape[0], num_seqs, seg_len + 1).sum(dim=0)
-        return pooled
-    kernel = "srp_counts" if level == "expert" else "srp_pooled_counts"
-    return dispatch.run(kernel, backend, ids, lengths, num_experts, seg_len)
+def _per_sequence_histograms(ids: torch.Tensor, lengths: torch.Tensor, num_experts: int,
+                             seg_lens: Tuple[int, ...], level: str, backend: str) -> Dict[int, torch.Tensor]:
+    """``{L: histograms}``, ``[S, E, L+1]`` (expert level) or ``[S, L+1]`` (layer, model), of validated routing."""
+    if level == "expert":
+        return {seg_len: dispatch.run("srp_counts", backend, ids, lengths, num_experts, seg_len)
+                for seg_len in seg_lens}
+    if level == "layer":
+        return dict(zip(seg_lens, dispatch.run("srp_pooled_counts", backend, ids, lengths, num_experts, seg_lens)))
+    num_layers, num_seqs = ids.shape[0], ids.shape[1]
+    # layers x sequences are independent rows for the kernel; groups of layers bound the [rows, L+1] outputs
+    width = sum(seg_len + 1 for seg_len in seg_lens)
+    group = max(1, min(num_layers, _MODEL_GROUP_BYTES // max(1, num_seqs * width * 8)))
+    pooled = {seg_len: torch.zeros((num_seqs, seg_len + 1), dtype=torch.int64, device=ids.device)
+              for seg_len in seg_lens}
+    for first in range(0, num_layers, group):
+        layers = ids[first:first + group]
+        rows = layers.reshape(layers.shape[0] * num_seqs, ids.shape[2], ids.shape[3])
+        counts = dispatch.run("srp_pooled_counts", backend, rows, lengths.repeat(layers.shape[0]), num_experts,
+                              seg_lens)
+        for seg_len, layer_counts in zip(seg_lens, counts):
+            pooled[seg_len] += layer_counts.view(layers.shape[0], num_seqs, seg_len + 1).sum(dim=0)
+    return pooled
 
 
 def weighted_sum(weights: torch.Tensor, per_sequence: torch.Tensor) -> torch.Tensor:
@@ -272,17 +292,19 @@ def weighted_sum(weights: torch.Tensor, per_sequence: torch.Tensor) -> torch.Ten
     return pooled.round().to(torch.int64).view(weights.shape[1], *per_sequence.shape[1:])
 
 
-def srp(topk: Union[torch.Tensor, Sequence[torch.Tensor]], num_experts: int, seg_len: int, *,
-        level: str = "layer", lengths: Optional[torch.Tensor] = None, num_bootstrap: int = 0,
+def srp(topk: Union[torch.Tensor, Sequence[torch.Tensor]], num_experts: int, seg_len: Union[int, Sequence[int]],
+        *, level: str = "layer", lengths: Optional[torch.Tensor] = None, num_bootstrap: int = 0,
         confidence: float = 0.95, generator: Optional[torch.Generator] = None,
-        weights: Optional[torch.Tensor] = None, backend: str = "auto") -> SRPScore:
+        weights: Optional[torch.Tensor] = None, backend: str = "auto") -> Union[SRPScore, Dict[int, SRPScore]]:
     """SRP at expert, layer or model level, optionally with a basic bootstrap CI over sequences.
 
     Args:
         topk: int ``[S, T, k]`` (``[T, k]``: one sequence) for levels ``"expert"`` and ``"layer"``;
             ``[n_layers, S, T, k]`` (or a list of ``[S, T, k]``) for ``"model"``. ``-1`` = no expert.
         num_experts: E per layer.
-        seg_len: window length L >= 1.
+        seg_len: window length L >= 1, or a list of distinct ones: the routing is then validated once, the
+            layer- and model-level histograms of every L come from one sweep on the CPU, and every L shares
+            one bootstrap weight matrix (SPEC §3, joint resampling).
         level: ``"expert"`` (one score per expert, shape ``[E]``), ``"layer"`` (one score, shape ``[]``) or
             ``"model"`` (all layers pooled, one shared threshold, shape ``[]``).
         lengths: optional int ``[S]`` valid prefix lengths (shared by all layers).
@@ -295,23 +317,26 @@ def srp(topk: Union[torch.Tensor, Sequence[torch.Tensor]], num_experts: int, seg
 
     Returns:
         :class:`SRPScore`; with bootstrap, ``ci_low``/``ci_high`` bound ``best_f1`` (θ re-optimised per
-        replicate).
+        replicate). For a list of L, ``{L: SRPScore}`` in its order.
 
     Example (SPEC §8 B):
         >>> rows = torch.tensor([[0, 1], [2, 0], [3, 2], [1, 3], [2, 1], [3, 0]])
         >>> srp(rows, 4, 3).best_f1.item() == 12 / 17
         True
+        >>> {L: score.best_f1.item() for L, score in srp(rows, 4, [1, 3]).items()} == {1: 1.0, 3: 12 / 17}
+        True
     """
     check_choice(level, "level", LEVELS)
     dispatch.check_backend(backend)
-    seg_len = check_int(seg_len, "seg_len", minimum=1)
+    seg_lens = _check_seg_lens(seg_len)
     num_bootstrap, confidence = check_bootstrap_options(num_bootstrap, confidence, weights)
     ids, lengths = _check_routing(topk, num_experts, level, lengths)
-    _check_histogram_memory(ids, num_experts, seg_len, level)
-    per_sequence = _per_sequence_histograms(ids, lengths, num_experts, seg_len, level, backend)
+    _check_histogram_memory(ids, num_experts, seg_lens, level)
+    histograms = _per_sequence_histograms(ids, lengths, num_experts, seg_lens, level, backend)
     if num_bootstrap > 0 or weights is not None:
-        weights = bootstrap_weights(per_sequence.shape[0], num_bootstrap, confidence, generator, weights)
-    return score_sequences(per_sequence, weights, confidence)
+        weights = bootstrap_weights(lengths.shape[0], num_bootstrap, confidence, generator, weights)
+    scores = {L: score_sequences(per_sequence, weights, confidence) for L, per_sequence in histograms.items()}
+    return scores if isinstance(seg_len, (list, tuple, range)) else scores[seg_lens[0]]
 
 
 def score_sequences(per_sequence: torch.Tensor, weights: Optional[torch.Tensor] = None,

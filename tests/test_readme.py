@@ -37,3 +37,5 @@ def test_metrics_doc_example_runs_and_matches_its_comments():
     lk, topk = namespace["lk"], namespace["topk"]
     assert lk.srp_counts(topk, 4, 2).sum(0).tolist() == [15, 12, 1]
     assert lk.srp(topk, 4, 2).best_f1.item() == 0.7
+    assert list(namespace["scores"]) == [1, 2] and namespace["scores"][2].best_f1.item() == 0.7
+    assert namespace["scores"][1].best_f1.item() == 1.0

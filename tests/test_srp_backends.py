@@ -13,6 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lrc_kernels
+from lrc_kernels import dispatch
+from lrc_kernels._checks import check_topk
 from conftest import (
     EXAMPLE_A,
     EXAMPLE_B,
@@ -67,6 +69,18 @@ def check_srp_counts(trace, backend):
     assert_equal_ints(pooled, expected.sum(1))
 
 
+def check_pooled_counts_of_several_lengths(trace, seg_lens, backend):
+    # one sweep for every L: lengths that some sequences are shorter than end their windows mid-sweep
+    topk, lengths, num_experts, _ = trace
+    device = backend_device(backend)
+    ids, valid_lengths, _ = check_topk(topk.to(device), num_experts,
+                                       lengths=None if lengths is None else lengths.to(device))
+    counts = dispatch.run("srp_pooled_counts", backend, ids, valid_lengths, num_experts, tuple(seg_lens))
+    assert len(counts) == len(seg_lens)
+    for seg_len, pooled in zip(seg_lens, counts):
+        assert_equal_ints(pooled.cpu(), ref_srp_counts(topk, lengths, num_experts, seg_len).sum(1))
+
+
 def check_segment_coverage(trace, backend):
     topk, lengths, num_experts, seg_len = trace
     expected = ref_segment_coverage(topk, lengths, num_experts, seg_len)
@@ -86,6 +100,38 @@ def test_srp_counts_cpu(trace):
 @given(TRITON_TRACES)
 def test_srp_counts_triton(trace):
     check_srp_counts(trace, "triton")
+
+
+SEVERAL_LENGTHS = st.lists(st.integers(1, 40), min_size=1, max_size=4, unique=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(CPU_TRACES, SEVERAL_LENGTHS)
+def test_pooled_counts_of_several_lengths_cpu(trace, seg_lens):
+    check_pooled_counts_of_several_lengths(trace, seg_lens, "cpu")
+
+
+@settings(max_examples=5, deadline=None)
+@given(TRITON_TRACES, SEVERAL_LENGTHS)
+def test_pooled_counts_of_several_lengths_triton(trace, seg_lens):
+    check_pooled_counts_of_several_lengths(trace, seg_lens, "triton")
+
+
+@pytest.mark.parametrize("level", ["expert", "layer", "model"])
+def test_srp_of_several_lengths_equals_one_call_per_length(level):
+    generator = torch.Generator().manual_seed(5)
+    num_seqs, num_tokens, num_experts = 5, 30, 8
+    topk = torch.rand(3, num_seqs, num_tokens, num_experts, generator=generator).argsort(-1)[..., :2]
+    topk = topk if level == "model" else topk[0]
+    lengths = torch.tensor([30, 12, 3, 0, 25])
+    weights = lrc_kernels.resample_weights(num_seqs, 20, generator)
+    seg_lens = [16, 1, 4, 26]  # 26: only the first sequence has a window
+    together = lrc_kernels.srp(topk, num_experts, seg_lens, level=level, lengths=lengths, weights=weights)
+    assert list(together) == seg_lens
+    for seg_len in seg_lens:
+        alone = lrc_kernels.srp(topk, num_experts, seg_len, level=level, lengths=lengths, weights=weights)
+        for name in ("best_f1", "threshold", "best_m", "act_r", "support", "ci_low", "ci_high"):
+            assert torch.equal(getattr(together[seg_len], name), getattr(alone, name)), (seg_len, name)
 
 
 @settings(max_examples=60, deadline=None)

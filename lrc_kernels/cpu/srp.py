@@ -5,13 +5,15 @@ sequence is swept once: the window slides one token at a time, which changes at 
 quantity that changes at window ``w`` is credited with the number of windows it held its old value
 (``w - since``). Work per sequence is O(T_s·k + E + L) beyond zeroing the output; extra memory is O(E + L). Pooled over
 experts (``srp_pooled_counts``), the credits go straight to one ``[L+1]`` row per sequence, so the
-``[S, E, L+1]`` histograms never exist. Sequences run in parallel slices (``parallel.run_sliced``).
+``[S, E, L+1]`` histograms never exist; several L share one sweep. Sequences run in parallel slices (``parallel.run_sliced``).
 
 Inputs are validated by the public API layer (docs/architecture.md, "Backend contract"): ``topk`` is int32,
 contiguous, ``[S, T, k]`` with ids in ``[-1, E)`` and no repeated valid id in a row; ``lengths`` is int64
 ``[S]`` with values in ``[0, T]``. Arrays cross into numba through ``Tensor.numpy()`` without copies; the
 dtypes are fixed so each kernel compiles exactly one signature.
 """
+
+from typing import Sequence, Tuple
 
 import numba
 import numpy as np
@@ -21,40 +23,55 @@ from .parallel import run_sliced
 
 
 @numba.njit(cache=True, nogil=True)
-def _srp_histograms(topk, lengths, histograms, num_experts, seg_len, expert_stride):
-    # histograms[s, e * expert_stride + c]: stride L+1 keeps one histogram per expert, stride 0 pools them
+def _window_histograms(topk, lengths, histograms, num_experts, seg_lens, offsets, expert_strides):
+    # histograms[s, offsets[i] + e * expert_strides[i] + c] for window length seg_lens[i] (ascending): stride
+    # L+1 keeps one histogram per expert, stride 0 pools them. The lengths share one slide over the windows,
+    # which reads the row leaving the windows once and interleaves their independent histogram updates.
     num_sequences, _, num_slots = topk.shape
-    count = np.zeros(num_experts, np.int64)
+    num_lens = seg_lens.shape[0]
+    count = np.zeros((num_lens, num_experts), np.int64)
     # window index from which each expert has held its current count
-    since = np.zeros(num_experts, np.int64)
+    since = np.zeros((num_lens, num_experts), np.int64)
     for s in range(num_sequences):
-        num_windows = lengths[s] - seg_len + 1
-        if num_windows <= 0:
+        num_tokens = lengths[s]
+        active = 0  # seg_lens[:active] have a window left in this sequence
+        while active < num_lens and seg_lens[active] <= num_tokens:
+            active += 1
+        if active == 0:
             continue
-        count[:] = 0
-        since[:] = 0
-        for t in range(seg_len):
-            for j in range(num_slots):
-                e = topk[s, t, j]
-                if e >= 0:
-                    count[e] += 1
-        for w in range(1, num_windows):
-            for j in range(num_slots):
-                signed_e = topk[s, w - 1, j]
-                if signed_e >= 0:
-                    e = np.uint32(signed_e)  # unsigned indices need no negative-index wraparound
-                    histograms[s, np.uint64(e * expert_stride + count[e])] += w - since[e]
-                    since[e] = w
-                    count[e] -= 1
-            for j in range(num_slots):
-                signed_e = topk[s, w + seg_len - 1, j]
-                if signed_e >= 0:
-                    e = np.uint32(signed_e)  # unsigned indices need no negative-index wraparound
-                    histograms[s, np.uint64(e * expert_stride + count[e])] += w - since[e]
-                    since[e] = w
-                    count[e] += 1
-        for e in range(num_experts):
-            histograms[s, e * expert_stride + count[e]] += num_windows - since[e]
+        count[:, :] = 0
+        since[:, :] = 0
+        for i in range(active):
+            for t in range(seg_lens[i]):
+                for j in range(num_slots):
+                    e = topk[s, t, j]
+                    if e >= 0:
+                        count[i, np.uint32(e)] += 1
+        for w in range(1, num_tokens - seg_lens[0] + 1):
+            while seg_lens[active - 1] > num_tokens - w:  # its last window was w - 1
+                active -= 1
+            for i in range(active):
+                base, stride = offsets[i], expert_strides[i]
+                for j in range(num_slots):
+                    signed_e = topk[s, w - 1, j]
+                    if signed_e >= 0:
+                        e = np.uint32(signed_e)  # unsigned indices need no negative-index wraparound
+                        histograms[s, np.uint64(base + e * stride + count[i, e])] += w - since[i, e]
+                        since[i, e] = w
+                        count[i, e] -= 1
+                entering = w + seg_lens[i] - 1
+                for j in range(num_slots):
+                    signed_e = topk[s, entering, j]
+                    if signed_e >= 0:
+                        e = np.uint32(signed_e)
+                        histograms[s, np.uint64(base + e * stride + count[i, e])] += w - since[i, e]
+                        since[i, e] = w
+                        count[i, e] += 1
+        for i in range(num_lens):
+            num_windows = num_tokens - seg_lens[i] + 1
+            if num_windows > 0:
+                for e in range(num_experts):
+                    histograms[s, offsets[i] + e * expert_strides[i] + count[i, e]] += num_windows - since[i, e]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -115,6 +132,21 @@ def _work(topk: torch.Tensor) -> int:
     return topk.shape[0] * topk.shape[1] * topk.shape[2]
 
 
+def _run_window_histograms(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int, seg_lens: Sequence[int],
+                           per_expert: bool) -> np.ndarray:
+    """``[S, Σ_i width_i]``: the histograms of every L side by side, in ascending L (width E·(L+1) or L+1)."""
+    seg_lens = np.array(sorted(seg_lens), dtype=np.int64)
+    widths = (seg_lens + 1) * (num_experts if per_expert else 1)
+    offsets = np.concatenate([[0], np.cumsum(widths)[:-1]]).astype(np.int64)
+    strides = seg_lens + 1 if per_expert else np.zeros_like(seg_lens)
+    # np.zeros gets pre-zeroed pages from the OS on demand; for large L most of [S, E, L+1] is never
+    # written, and torch.zeros would spend more time clearing it than the sweep takes.
+    histograms = np.zeros((topk.shape[0], int(widths.sum())), dtype=np.int64)
+    run_sliced(_window_histograms, (topk.numpy(), lengths.numpy(), histograms),
+               (num_experts, seg_lens, offsets, strides), _work(topk) * len(seg_lens))
+    return histograms
+
+
 def srp_counts(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int, seg_len: int) -> torch.Tensor:
     """Per-sequence, per-expert histograms of window counts.
 
@@ -133,32 +165,31 @@ def srp_counts(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int, seg_
         >>> srp_counts(topk, torch.tensor([8]), 4, 2)[0].tolist()
         [[3, 3, 1], [4, 3, 0], [3, 4, 0], [5, 2, 0]]
     """
-    # np.zeros gets pre-zeroed pages from the OS on demand; for large L most of [S, E, L+1] is never
-    # written, and torch.zeros would spend more time clearing it than the sweep takes.
-    histograms = np.zeros((topk.shape[0], num_experts * (seg_len + 1)), dtype=np.int64)
-    run_sliced(_srp_histograms, (topk.numpy(), lengths.numpy(), histograms),
-               (num_experts, seg_len, seg_len + 1), _work(topk))
+    histograms = _run_window_histograms(topk, lengths, num_experts, (seg_len,), per_expert=True)
     return torch.from_numpy(histograms).view(topk.shape[0], num_experts, seg_len + 1)
 
 
-def srp_pooled_counts(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int, seg_len: int) -> torch.Tensor:
-    """Per-sequence histograms of window counts pooled over experts, without the per-expert histograms.
+def srp_pooled_counts(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int,
+                      seg_lens: Sequence[int]) -> Tuple[torch.Tensor, ...]:
+    """Per-sequence histograms of window counts pooled over experts, for several L in one sweep.
 
     Args:
-        topk, lengths, num_experts, seg_len: as in :func:`srp_counts`.
+        topk, lengths, num_experts: as in :func:`srp_counts`.
+        seg_lens: distinct window lengths L >= 1, in any order.
 
     Returns:
-        int64 ``[S, L+1]``, equal to ``srp_counts(...).sum(1)``: entry ``[s, c]`` is the number of (complete
-        window, expert) pairs of sequence s where the expert occurs in exactly c rows.
+        one int64 ``[S, L+1]`` per entry of ``seg_lens``, in its order, equal to ``srp_counts(..., L).sum(1)``:
+        entry ``[s, c]`` is the number of (complete window, expert) pairs of sequence s where the expert
+        occurs in exactly c rows. The per-expert histograms never exist.
 
     Example:
         >>> topk = torch.tensor([[[0], [0], [1], [2], [0], [3], [2], [1]]], dtype=torch.int32)
-        >>> srp_pooled_counts(topk, torch.tensor([8]), 4, 2).tolist()
-        [[15, 12, 1]]
+        >>> [h.tolist() for h in srp_pooled_counts(topk, torch.tensor([8]), 4, (2, 1))]
+        [[[15, 12, 1]], [[24, 8]]]
     """
-    pooled = np.zeros((topk.shape[0], seg_len + 1), dtype=np.int64)
-    run_sliced(_srp_histograms, (topk.numpy(), lengths.numpy(), pooled), (num_experts, seg_len, 0), _work(topk))
-    return torch.from_numpy(pooled)
+    histograms = torch.from_numpy(_run_window_histograms(topk, lengths, num_experts, seg_lens, per_expert=False))
+    by_length = dict(zip(sorted(seg_lens), histograms.split([L + 1 for L in sorted(seg_lens)], dim=1)))
+    return tuple(by_length[seg_len] for seg_len in seg_lens)
 
 
 def segment_coverage(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int, seg_len: int) -> torch.Tensor:

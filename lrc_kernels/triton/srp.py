@@ -29,6 +29,8 @@ contiguous, ``[S, T, k]`` with ids in ``[-1, E)`` and no repeated valid id in a 
 ``[S]`` with values in ``[0, T]``, on the same device. All accumulators are int64 (SPEC section 9).
 """
 
+from typing import Sequence, Tuple
+
 import torch
 import triton
 import triton.language as tl
@@ -231,17 +233,22 @@ def srp_counts(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int, seg_
     return _launch_srp_counts(topk, lengths, num_experts, seg_len, counts, seg_len + 1)
 
 
-def srp_pooled_counts(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int, seg_len: int) -> torch.Tensor:
+def srp_pooled_counts(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int,
+                      seg_lens: Sequence[int]) -> Tuple[torch.Tensor, ...]:
     """Per-sequence histograms of window counts pooled over experts; the per-expert ones never exist.
 
     Args:
-        topk, lengths, num_experts, seg_len: as in :func:`srp_counts`.
+        topk, lengths, num_experts: as in :func:`srp_counts`.
+        seg_lens: distinct window lengths L >= 1.
 
     Returns:
-        int64 ``[S, L+1]`` on topk's device, equal to ``srp_counts(...).sum(1)``.
+        one int64 ``[S, L+1]`` on topk's device per entry of ``seg_lens``, in its order, equal to
+        ``srp_counts(..., L).sum(1)`` (one launch per L).
     """
-    counts = torch.zeros((topk.shape[0], seg_len + 1), dtype=torch.int64, device=topk.device)
-    return _launch_srp_counts(topk, lengths, num_experts, seg_len, counts, 0)
+    return tuple(_launch_srp_counts(topk, lengths, num_experts, seg_len,
+                                    torch.zeros((topk.shape[0], seg_len + 1), dtype=torch.int64, device=topk.device),
+                                    0)
+                 for seg_len in seg_lens)
 
 
 def segment_coverage(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int, seg_len: int) -> torch.Tensor:

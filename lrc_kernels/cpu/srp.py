@@ -3,9 +3,10 @@
 Both metrics are functions of the stride-1 window counts ``C[s, w, e]``. Instead of materialising them, each
 sequence is swept once: the window slides one token at a time, which changes at most ``2k`` counts, and a
 quantity that changes at window ``w`` is credited with the number of windows it held its old value
-(``w - since``). Work per sequence is O(T_s·k + E + L) beyond zeroing the output; extra memory is O(E + L). Pooled over
-experts (``srp_pooled_counts``), the credits go straight to one ``[L+1]`` row per sequence, so the
-``[S, E, L+1]`` histograms never exist; several L share one sweep. Sequences run in parallel slices (``parallel.run_sliced``).
+(``w - since``). Work per sequence is O(T_s·k + E + L) beyond zeroing the output; extra memory is O(E + L).
+Pooled over experts (``srp_pooled_counts``), the credits go straight to one ``[L+1]`` row per sequence, so
+the ``[S, E, L+1]`` histograms never exist; several L share one sweep. Sequences run in parallel slices
+(``parallel.run_sliced``).
 
 Inputs are validated by the public API layer (docs/architecture.md, "Backend contract"): ``topk`` is int32,
 contiguous, ``[S, T, k]`` with ids in ``[-1, E)`` and no repeated valid id in a row; ``lengths`` is int64

@@ -12,9 +12,10 @@ Workload: S = 2048 sequences x T = 512 tokens, top-8 of E = 64 experts, L = 4, 1
   ``lrc_kernels.srp_counts`` for each L.
 
 Both get the same trace and the same weight matrix W; best_f1 and both CI bounds (srp) and every histogram
-(srp_counts) must be equal, checked in the same run. Times are wall time, best of ``--repeats``, CPU kernels
-on ``--threads`` threads, torch (both methods) on ``--torch-threads``. Before timing, freed memory is kept in the process heap (glibc ``mallopt``) and
-1 GiB is touched once, so neither method pays the VM's first-touch cost (~2 ms/MiB) inside a timed call.
+(srp_counts) must be equal, checked in the same run. Times are wall time, best of ``--repeats`` calls of each
+method, the two methods' calls alternating, CPU kernels on ``--threads`` threads, torch (both methods) on
+``--torch-threads``. Before timing, freed memory is kept in the process heap (glibc ``mallopt``) and 1 GiB is
+touched once, so neither method pays the VM's first-touch cost (~2 ms/MiB) inside a timed call.
 
 Memory: a fresh subprocess (default allocator) runs ours once for warm-up, resets its peak RSS (``5`` to
 ``/proc/self/clear_refs``), runs all four L, and reports peak RSS minus the RSS before the call.
@@ -39,7 +40,7 @@ sys.path[:0] = [BENCH, os.path.dirname(BENCH)]
 
 import lrc_kernels  # noqa: E402
 import paper_method  # noqa: E402
-from _common import best_of, make_trace, process_memory_kb, reset_peak_rss  # noqa: E402
+from _common import best_of_alternating, make_trace, process_memory_kb, reset_peak_rss  # noqa: E402
 from lrc_kernels.bootstrap import basic_interval  # noqa: E402
 
 
@@ -96,15 +97,14 @@ def bench_trace(args, trace):
     topk = make_trace(trace, args.sequences, args.tokens, args.experts, args.top_k, seed=args.seed)
     weights = lrc_kernels.resample_weights(args.sequences, args.bootstrap, torch.Generator().manual_seed(0))
     extra_mib = measure_memory(args, trace)
-    ours, ours_s = best_of(lambda: our_srp(topk, args.experts, args.seg_lens, weights, args.confidence),
-                           args.repeats, warmup=1)
-    paper, paper_s = best_of(lambda: paper_srp(topk, args.experts, args.seg_lens, weights, args.confidence),
-                             args.repeats, warmup=1)
+    (ours, ours_s), (paper, paper_s) = best_of_alternating(
+        [lambda: our_srp(topk, args.experts, args.seg_lens, weights, args.confidence),
+         lambda: paper_srp(topk, args.experts, args.seg_lens, weights, args.confidence)], args.repeats, warmup=1)
     for seg_len in args.seg_lens:
         assert all(torch.equal(a, b) for a, b in zip(ours[seg_len], paper[seg_len])), (trace, seg_len)
-    counts, counts_s = best_of(lambda: our_counts(topk, args.experts, args.seg_lens), args.repeats, warmup=1)
-    paper_counts, paper_counts_s = best_of(
-        lambda: paper_method.expert_histograms(topk, args.experts, args.seg_lens), args.repeats, warmup=1)
+    (counts, counts_s), (paper_counts, paper_counts_s) = best_of_alternating(
+        [lambda: our_counts(topk, args.experts, args.seg_lens),
+         lambda: paper_method.expert_histograms(topk, args.experts, args.seg_lens)], args.repeats, warmup=1)
     for seg_len in args.seg_lens:
         assert torch.equal(counts[seg_len], paper_counts[seg_len]), (trace, seg_len)
     print(f"{trace:<8} {'srp, B=' + str(args.bootstrap):<14} {paper_s:>9.3f}s {ours_s:>9.3f}s "

@@ -52,22 +52,22 @@ def _window_histograms(topk, lengths, histograms, num_experts, seg_lens, offsets
             while seg_lens[active - 1] > num_tokens - w:  # its last window was w - 1
                 active -= 1
             for i in range(active):
-                base, stride = offsets[i], expert_strides[i]
+                base, stride, count_i, since_i = offsets[i], expert_strides[i], count[i], since[i]
                 for j in range(num_slots):
                     signed_e = topk[s, w - 1, j]
                     if signed_e >= 0:
                         e = np.uint32(signed_e)  # unsigned indices need no negative-index wraparound
-                        histograms[s, np.uint64(base + e * stride + count[i, e])] += w - since[i, e]
-                        since[i, e] = w
-                        count[i, e] -= 1
+                        histograms[s, np.uint64(base + e * stride + count_i[e])] += w - since_i[e]
+                        since_i[e] = w
+                        count_i[e] -= 1
                 entering = w + seg_lens[i] - 1
                 for j in range(num_slots):
                     signed_e = topk[s, entering, j]
                     if signed_e >= 0:
                         e = np.uint32(signed_e)
-                        histograms[s, np.uint64(base + e * stride + count[i, e])] += w - since[i, e]
-                        since[i, e] = w
-                        count[i, e] += 1
+                        histograms[s, np.uint64(base + e * stride + count_i[e])] += w - since_i[e]
+                        since_i[e] = w
+                        count_i[e] += 1
         for i in range(num_lens):
             num_windows = num_tokens - seg_lens[i] + 1
             if num_windows > 0:

@@ -1,10 +1,11 @@
 """CPU cache backend cases that test_cache_backends.py does not reach: a deep model-level stack and the size guard.
 
 The property tests there draw at most 64 cache slots, where LFU, Belady and SCH run the branch-free scan kernel.
-At model level the stack holds ``n·E`` slots, and LRU takes its depth from a count over all of them while the
-other policies run the scan kernel up to ``SCAN_MAX_SLOTS`` slots and the branching walk above; a few hundred
-slots are checked here with both kernels against the one-cache-per-size reference (a short trace keeps the
-reference fast), and the walk's block skips on random small stacks with tiny blocks.
+At model level the stack holds ``n·E`` slots: LRU takes its depth from a count over all of them up to
+``LRU_COUNT_MAX_SLOTS`` and from a Fenwick tree above, and the other policies run the scan kernel up to
+``SCAN_MAX_SLOTS`` slots and the branching walk above. A few hundred slots are checked here with both kernels
+of each against the one-cache-per-size reference (a short trace keeps the reference fast), and the walk's
+block skips and the tree on random small stacks.
 """
 
 import functools
@@ -44,7 +45,9 @@ def _reference_hits(policy, seg_len, free_slot_hits, lookup):
                                              ("sch", 20)], ids=["lru", "lfu", "belady", "sch1", "sch3", "sch20"])
 @pytest.mark.parametrize("scan_max_slots", [0, 1 << 30], ids=["walk", "scan"])
 def test_model_level_stack_matches_reference(policy, seg_len, free_slot_hits, lookup, scan_max_slots, monkeypatch):
+    # the same switch picks LRU's count (scan) or its Fenwick tree (walk)
     monkeypatch.setattr(cpu_cache, "SCAN_MAX_SLOTS", scan_max_slots)
+    monkeypatch.setattr(cpu_cache, "LRU_COUNT_MAX_SLOTS", scan_max_slots)
     stream, lengths = _model_stream()
     num_slots = NUM_LAYERS * NUM_EXPERTS
     hits = lrc_kernels.cache_hits(stream, num_slots, policy, seg_len=seg_len, lengths=lengths,
@@ -66,6 +69,19 @@ def test_walk_with_block_skips_matches_reference(trace, log_block, policy_config
         patch.setattr(cpu_cache, "LOG_SKIP_BLOCK", log_block)
         hits = lrc_kernels.cache_hits(topk, num_experts, policy, seg_len=seg_len, lengths=lengths,
                                       free_slot_hits=free_slot_hits, lookup=lookup, backend="cpu")
+    assert torch.equal(hits, expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(routing_traces(max_e=40, max_k=5, max_t=60, max_s=2), st.booleans(), st.sampled_from(["token", "sequential"]))
+def test_lru_tree_matches_reference(trace, free_slot_hits, lookup):
+    """The Fenwick-tree LRU of deep stacks, forced on small ones."""
+    topk, lengths, num_experts, _ = trace
+    expected = ref_cache_hits(topk, lengths, num_experts, "lru", None, free_slot_hits, lookup)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_cache, "LRU_COUNT_MAX_SLOTS", 0)
+        hits = lrc_kernels.cache_hits(topk, num_experts, "lru", lengths=lengths, free_slot_hits=free_slot_hits,
+                                      lookup=lookup, backend="cpu")
     assert torch.equal(hits, expected)
 
 

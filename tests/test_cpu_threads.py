@@ -9,6 +9,7 @@ import torch
 
 import lrc_kernels
 from conftest import TraceCase
+from lrc_kernels.cpu import cache as cpu_cache
 from lrc_kernels.cpu import parallel
 from reference import ref_cache_hits, ref_concat_layers, ref_segment_coverage, ref_srp_counts
 
@@ -43,13 +44,20 @@ def test_srp_kernels(case, tiny_slices):
     pooled = _for_every_thread_count(
         lambda: lrc_kernels.srp_counts(topk, num_experts, seg_len, lengths=lengths, pool="experts", backend="cpu"))
     assert torch.equal(pooled, counts.sum(1))
+    several = _for_every_thread_count(lambda: torch.stack([score.best_f1 for score in lrc_kernels.srp(
+        topk, num_experts, [seg_len, 1, 3], lengths=lengths, backend="cpu").values()]))
+    assert torch.equal(several[0], lrc_kernels.srp_score(pooled.sum(0)).best_f1)
     coverage = _for_every_thread_count(
         lambda: lrc_kernels.segment_coverage(topk, num_experts, seg_len, lengths=lengths, backend="cpu"))
     assert torch.equal(coverage, ref_segment_coverage(topk, lengths, num_experts, seg_len))
 
 
+@pytest.mark.parametrize("deep_kernels", [False, True], ids=["scan-count", "walk-tree"])
 @pytest.mark.parametrize("policy, seg_len", [("lru", None), ("lfu", None), ("belady", None), ("sch", 4)])
-def test_cache_kernels_layer_and_model_level(policy, seg_len, tiny_slices):
+def test_cache_kernels_layer_and_model_level(policy, seg_len, deep_kernels, tiny_slices, monkeypatch):
+    if deep_kernels:  # the kernels of stacks deeper than these small ones
+        monkeypatch.setattr(cpu_cache, "SCAN_MAX_SLOTS", 0)
+        monkeypatch.setattr(cpu_cache, "LRU_COUNT_MAX_SLOTS", 0)
     topk, lengths, num_experts, _ = CASES[0].build()
     hits = _for_every_thread_count(lambda: lrc_kernels.cache_hits(topk, num_experts, policy, seg_len=seg_len,
                                                                   lengths=lengths, backend="cpu"))

@@ -5,10 +5,12 @@ size, so one priority stack ``P`` of the distinct experts seen so far holds ever
 the content of the size-``m`` cache). A reference found at depth ``d`` is a hit for every ``m > d``, so one
 histogram of depths gives the hits of all sizes.
 
-LRU keeps ``P`` sorted by last use, so the depth of ``x`` is the number of experts used since ``x`` was:
-one branch-free count over the ``E`` last-use times, which the compiler vectorises. It needs no stack. The
-count reads all ``E`` times even when ``x`` is shallow, but a push-down under LRU moves every element above
-``x`` and mispredicts where the walk stops; the count was 2.5x faster at both E = 64 and n·E = 1024.
+LRU keeps ``P`` sorted by last use, so the depth of ``x`` is the number of experts used since ``x`` was. It
+needs no stack. Up to ``LRU_COUNT_MAX_SLOTS`` slots it is one branch-free count over the ``E`` last-use
+times, which the compiler vectorises (a push-down under LRU moves every element above ``x`` and mispredicts
+where the walk stops; the count was 2.5x faster at both E = 64 and n·E = 1024). Deeper model-level caches
+keep a mark at each expert's latest reference time in a Fenwick tree, which counts the marks after
+``last_use[x]`` in O(log N): 2.1x faster than the count at 1,024 slots and 10x at 6,144 (bench/RESULTS.md).
 
 LFU, Belady and SCH keep an explicit stack. Each reference ``x`` is pushed down: ``x`` goes on top and a carry
 walks down to ``x``'s old depth only, keeping the higher-key element at each position, so the work per
@@ -51,6 +53,8 @@ _ABOVE_EVERY_KEY = np.int64(2**63 - 1)
 SCAN_MAX_SLOTS = 256
 # the deep walk passes over blocks of 2^LOG_SKIP_BLOCK positions where no key is below the carry
 LOG_SKIP_BLOCK = 4
+# up to this many slots LRU counts the experts used after x directly; above, a Fenwick tree over the times
+LRU_COUNT_MAX_SLOTS = 256
 
 
 @numba.njit(inline="always")
@@ -146,6 +150,78 @@ def _lru_depth_hits(topk, lengths, hits, num_experts, free_slot_hits, sequential
                         at_depth[num_seen] += 1
                 if not seen:
                     num_seen += 1
+                last_use[x] = n
+                n += 1
+        total = 0
+        for d in range(num_experts):
+            total += at_depth[d]
+            hits[s, d] = total
+
+
+@numba.njit(inline="always")
+def _tree_add(tree, time, delta, size):
+    index = time + 1  # Fenwick trees count from 1
+    while index < size:
+        tree[index] += delta
+        index += index & -index
+
+
+@numba.njit(inline="always")
+def _tree_prefix(tree, time):
+    """How many entries at times ``0..time`` are set."""
+    total = 0
+    index = time + 1
+    while index > 0:
+        total += tree[index]
+        index &= index - 1
+    return total
+
+
+@numba.njit(cache=True, nogil=True)
+def _lru_tree_depth_hits(topk, lengths, hits, num_experts, free_slot_hits, sequential):
+    # The LRU depth of x is the number of experts last used after x: with one mark at the time of every
+    # expert's latest reference, it is the marks after last_use[x], which a Fenwick tree over the times counts
+    # in O(log N) instead of a pass over all n·E experts.
+    num_sequences, max_tokens, num_slots = topk.shape
+    last_use = np.empty(num_experts, np.int64)
+    tree = np.zeros(max_tokens * num_slots + 1, np.int64)
+    at_depth = np.empty(num_experts, np.int64)
+    row_depth = np.empty(num_slots, np.int64)
+    for s in range(num_sequences):
+        size = lengths[s] * num_slots + 1
+        tree[:size] = 0
+        last_use[:] = -1
+        at_depth[:] = 0
+        num_seen = 0
+        n = 0
+        for i in range(lengths[s]):
+            if not sequential:
+                first_refs = 0
+                for j in range(num_slots):
+                    x = topk[s, i, j]
+                    if x >= 0:
+                        if last_use[x] >= 0:
+                            row_depth[j] = num_seen - _tree_prefix(tree, last_use[x])
+                        else:
+                            row_depth[j] = num_seen + first_refs
+                            first_refs += 1
+            for j in range(num_slots):
+                x = topk[s, i, j]
+                if x < 0:
+                    continue
+                seen = last_use[x] >= 0
+                if seen or free_slot_hits:
+                    if not sequential:
+                        at_depth[row_depth[j]] += 1
+                    elif seen:
+                        at_depth[num_seen - _tree_prefix(tree, last_use[x])] += 1
+                    else:
+                        at_depth[num_seen] += 1
+                if seen:
+                    _tree_add(tree, last_use[x], -1, size)
+                else:
+                    num_seen += 1
+                _tree_add(tree, n, 1, size)
                 last_use[x] = n
                 n += 1
         total = 0
@@ -375,8 +451,8 @@ def cache_hits(topk, lengths, num_experts, policy, seg_len, free_slot_hits, look
     hits = np.zeros((num_sequences, num_experts), np.int64)
     work = num_sequences * num_tokens * num_slots
     if policy == "lru":
-        run_sliced(_lru_depth_hits, (topk, lengths, hits),
-                   (num_experts, bool(free_slot_hits), lookup == "sequential"), work)
+        kernel = _lru_depth_hits if num_experts <= LRU_COUNT_MAX_SLOTS else _lru_tree_depth_hits
+        run_sliced(kernel, (topk, lengths, hits), (num_experts, bool(free_slot_hits), lookup == "sequential"), work)
     else:
         # the look-ahead never reaches past T, so clipping L keeps i + L from overflowing int64
         look_ahead = min(seg_len, num_tokens + 1) if policy == "sch" else 0

@@ -112,52 +112,6 @@ def _prepare_keys(topk, s, num_tokens, num_experts, policy, seg_len, next_use, u
                     count[x] += 1
 
 
-@numba.njit(cache=True, nogil=True)
-def _lru_depth_hits(topk, lengths, hits, num_experts, free_slot_hits, sequential):
-    num_sequences, _, num_slots = topk.shape
-    last_use = np.empty(num_experts, np.int64)  # -1: not seen yet, so never counted as used after anything
-    at_depth = np.empty(num_experts, np.int64)
-    row_depth = np.empty(num_slots, np.int64)
-    for s in range(num_sequences):
-        last_use[:] = -1
-        at_depth[:] = 0
-        num_seen = 0
-        n = 0
-        for i in range(lengths[s]):
-            if not sequential:
-                # token lookup: depths before any update of this row; first references of the row take
-                # consecutive free slots (the free-slot rule)
-                first_refs = 0
-                for j in range(num_slots):
-                    x = topk[s, i, j]
-                    if x >= 0:
-                        if last_use[x] >= 0:
-                            row_depth[j] = _used_after(last_use, last_use[x])
-                        else:
-                            row_depth[j] = num_seen + first_refs
-                            first_refs += 1
-            for j in range(num_slots):
-                x = topk[s, i, j]
-                if x < 0:
-                    continue
-                seen = last_use[x] >= 0
-                if seen or free_slot_hits:
-                    if not sequential:
-                        at_depth[row_depth[j]] += 1
-                    elif seen:
-                        at_depth[_used_after(last_use, last_use[x])] += 1
-                    else:
-                        at_depth[num_seen] += 1
-                if not seen:
-                    num_seen += 1
-                last_use[x] = n
-                n += 1
-        total = 0
-        for d in range(num_experts):
-            total += at_depth[d]
-            hits[s, d] = total
-
-
 @numba.njit(inline="always")
 def _tree_add(tree, time, delta, size):
     index = time + 1  # Fenwick trees count from 1
@@ -177,18 +131,25 @@ def _tree_prefix(tree, time):
     return total
 
 
+@numba.njit(inline="always")
+def _lru_depth(last_use, tree, num_seen, time, use_tree):
+    """How many experts were last used after ``time`` (an expert's last use): its LRU depth."""
+    if use_tree:
+        return num_seen - _tree_prefix(tree, time)
+    return _used_after(last_use, time)
+
+
 @numba.njit(cache=True, nogil=True)
-def _lru_tree_depth_hits(topk, lengths, hits, num_experts, free_slot_hits, sequential):
-    # The LRU depth of x is the number of experts last used after x: with one mark at the time of every
-    # expert's latest reference, it is the marks after last_use[x], which a Fenwick tree over the times counts
-    # in O(log N) instead of a pass over all n·E experts.
+def _lru_depth_hits(topk, lengths, hits, num_experts, free_slot_hits, sequential, use_tree):
     num_sequences, max_tokens, num_slots = topk.shape
-    last_use = np.empty(num_experts, np.int64)
-    tree = np.zeros(max_tokens * num_slots + 1, np.int64)
+    last_use = np.empty(num_experts, np.int64)  # -1: not seen yet, so never counted as used after anything
+    # use_tree: a mark at the time of every expert's latest reference, so that the depth is the number of marks
+    # after last_use[x], counted in O(log N) instead of a pass over all n·E last uses
+    tree = np.zeros(max_tokens * num_slots + 1 if use_tree else 0, np.int64)
     at_depth = np.empty(num_experts, np.int64)
     row_depth = np.empty(num_slots, np.int64)
     for s in range(num_sequences):
-        size = lengths[s] * num_slots + 1
+        size = lengths[s] * num_slots + 1 if use_tree else 0
         tree[:size] = 0
         last_use[:] = -1
         at_depth[:] = 0
@@ -196,12 +157,14 @@ def _lru_tree_depth_hits(topk, lengths, hits, num_experts, free_slot_hits, seque
         n = 0
         for i in range(lengths[s]):
             if not sequential:
+                # token lookup: depths before any update of this row; first references of the row take
+                # consecutive free slots (the free-slot rule)
                 first_refs = 0
                 for j in range(num_slots):
                     x = topk[s, i, j]
                     if x >= 0:
                         if last_use[x] >= 0:
-                            row_depth[j] = num_seen - _tree_prefix(tree, last_use[x])
+                            row_depth[j] = _lru_depth(last_use, tree, num_seen, last_use[x], use_tree)
                         else:
                             row_depth[j] = num_seen + first_refs
                             first_refs += 1
@@ -214,14 +177,15 @@ def _lru_tree_depth_hits(topk, lengths, hits, num_experts, free_slot_hits, seque
                     if not sequential:
                         at_depth[row_depth[j]] += 1
                     elif seen:
-                        at_depth[num_seen - _tree_prefix(tree, last_use[x])] += 1
+                        at_depth[_lru_depth(last_use, tree, num_seen, last_use[x], use_tree)] += 1
                     else:
                         at_depth[num_seen] += 1
-                if seen:
-                    _tree_add(tree, last_use[x], -1, size)
-                else:
+                if not seen:
                     num_seen += 1
-                _tree_add(tree, n, 1, size)
+                if use_tree:
+                    if seen:
+                        _tree_add(tree, last_use[x], -1, size)
+                    _tree_add(tree, n, 1, size)
                 last_use[x] = n
                 n += 1
         total = 0
@@ -451,8 +415,8 @@ def cache_hits(topk, lengths, num_experts, policy, seg_len, free_slot_hits, look
     hits = np.zeros((num_sequences, num_experts), np.int64)
     work = num_sequences * num_tokens * num_slots
     if policy == "lru":
-        kernel = _lru_depth_hits if num_experts <= LRU_COUNT_MAX_SLOTS else _lru_tree_depth_hits
-        run_sliced(kernel, (topk, lengths, hits), (num_experts, bool(free_slot_hits), lookup == "sequential"), work)
+        run_sliced(_lru_depth_hits, (topk, lengths, hits),
+                   (num_experts, bool(free_slot_hits), lookup == "sequential", num_experts > LRU_COUNT_MAX_SLOTS), work)
     else:
         # the look-ahead never reaches past T, so clipping L keeps i + L from overflowing int64
         look_ahead = min(seg_len, num_tokens + 1) if policy == "sch" else 0

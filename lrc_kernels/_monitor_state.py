@@ -181,6 +181,7 @@ def per_sequence_statistics(statistics: Sequence[Statistic], names: List[str], l
     # With one group (equal E and k everywhere, the usual case) its results are the per-layer statistics as
     # they come; several groups are copied into zero-padded [n, S, width] tensors.
     per_seq: Dict[str, torch.Tensor] = {}
+    seg_lens = tuple(statistic.seg_len for statistic in layer_statistics if statistic.kind == "srp")
     if len(groups) > 1:
         per_seq = {s.key: torch.zeros(num_layers, num_seqs, s.width or 1, dtype=torch.int64, device=device)
                    for s in layer_statistics}
@@ -198,7 +199,6 @@ def per_sequence_statistics(statistics: Sequence[Statistic], names: List[str], l
             raise
         view = (len(members), num_seqs, -1)
         index = torch.tensor(members, device=device) if len(groups) > 1 else None
-        seg_lens = tuple(statistic.seg_len for statistic in layer_statistics if statistic.kind == "srp")
         srp_histograms = dict(zip(seg_lens, dispatch.run("srp_pooled_counts", backend, ids, group_lengths, experts,
                                                          seg_lens))) if seg_lens else {}
         for statistic in layer_statistics:

@@ -14,7 +14,7 @@ contiguous, ``[S, T, k]`` with ids in ``[-1, E)`` and no repeated valid id in a 
 dtypes are fixed so each kernel compiles exactly one signature.
 """
 
-from typing import Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import numba
 import numpy as np
@@ -134,18 +134,18 @@ def _work(topk: torch.Tensor) -> int:
 
 
 def _run_window_histograms(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int, seg_lens: Sequence[int],
-                           per_expert: bool) -> np.ndarray:
-    """``[S, Σ_i width_i]``: the histograms of every L side by side, in ascending L (width E·(L+1) or L+1)."""
-    seg_lens = np.array(sorted(seg_lens), dtype=np.int64)
-    widths = (seg_lens + 1) * (num_experts if per_expert else 1)
+                           per_expert: bool) -> Dict[int, torch.Tensor]:
+    """``{L: [S, width]}`` (width E·(L+1) or L+1): views of one ``[S, Σ width]`` array the sweep fills."""
+    ascending = np.array(sorted(seg_lens), dtype=np.int64)
+    widths = (ascending + 1) * (num_experts if per_expert else 1)
     offsets = np.concatenate([[0], np.cumsum(widths)[:-1]]).astype(np.int64)
-    strides = seg_lens + 1 if per_expert else np.zeros_like(seg_lens)
+    strides = ascending + 1 if per_expert else np.zeros_like(ascending)
     # np.zeros gets pre-zeroed pages from the OS on demand; for large L most of [S, E, L+1] is never
     # written, and torch.zeros would spend more time clearing it than the sweep takes.
     histograms = np.zeros((topk.shape[0], int(widths.sum())), dtype=np.int64)
     run_sliced(_window_histograms, (topk.numpy(), lengths.numpy(), histograms),
-               (num_experts, seg_lens, offsets, strides), _work(topk) * len(seg_lens))
-    return histograms
+               (num_experts, ascending, offsets, strides), _work(topk) * len(ascending))
+    return dict(zip(ascending.tolist(), torch.from_numpy(histograms).split(widths.tolist(), dim=1)))
 
 
 def srp_counts(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int, seg_len: int) -> torch.Tensor:
@@ -166,8 +166,8 @@ def srp_counts(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int, seg_
         >>> srp_counts(topk, torch.tensor([8]), 4, 2)[0].tolist()
         [[3, 3, 1], [4, 3, 0], [3, 4, 0], [5, 2, 0]]
     """
-    histograms = _run_window_histograms(topk, lengths, num_experts, (seg_len,), per_expert=True)
-    return torch.from_numpy(histograms).view(topk.shape[0], num_experts, seg_len + 1)
+    histograms = _run_window_histograms(topk, lengths, num_experts, (seg_len,), per_expert=True)[seg_len]
+    return histograms.view(topk.shape[0], num_experts, seg_len + 1)
 
 
 def srp_pooled_counts(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int,
@@ -188,8 +188,7 @@ def srp_pooled_counts(topk: torch.Tensor, lengths: torch.Tensor, num_experts: in
         >>> [h.tolist() for h in srp_pooled_counts(topk, torch.tensor([8]), 4, (2, 1))]
         [[[15, 12, 1]], [[24, 8]]]
     """
-    histograms = torch.from_numpy(_run_window_histograms(topk, lengths, num_experts, seg_lens, per_expert=False))
-    by_length = dict(zip(sorted(seg_lens), histograms.split([L + 1 for L in sorted(seg_lens)], dim=1)))
+    by_length = _run_window_histograms(topk, lengths, num_experts, seg_lens, per_expert=False)
     return tuple(by_length[seg_len] for seg_len in seg_lens)
 
 

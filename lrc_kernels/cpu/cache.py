@@ -10,7 +10,8 @@ needs no stack. Up to ``LRU_COUNT_MAX_SLOTS`` slots it is one branch-free count 
 times, which the compiler vectorises (a push-down under LRU moves every element above ``x`` and mispredicts
 where the walk stops; the count was 2.5x faster at both E = 64 and n·E = 1024). Deeper model-level caches
 keep a mark at each expert's latest reference time in a Fenwick tree, which counts the marks after
-``last_use[x]`` in O(log N): 2.1x faster than the count at 1,024 slots and 10x at 6,144 (bench/RESULTS.md).
+``last_use[x]`` in O(log N): 9.3x faster than the count at 48 x 128 = 6,144 slots (``bench_paper_scale.py``
+breakdown, bench/RESULTS.md).
 
 LFU, Belady and SCH keep an explicit stack. Each reference ``x`` is pushed down: ``x`` goes on top and a carry
 walks down to ``x``'s old depth only, keeping the higher-key element at each position, so the work per

@@ -133,6 +133,17 @@ def test_bench_paper_scale_small_run_checks_every_stage():
     assert "paper / ours:" in result.stdout
 
 
+def test_bench_paper_scale_skip_paper_still_breaks_down_every_metric():
+    # the docs quote the breakdown of --fraction 32 --skip-paper (e.g. its "lru model" line)
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_paper_scale.py"), "--layers", "3",
+                             "--experts", "16", "--sequences", "8", "--tokens", "40", "--fraction", "2",
+                             "--seg-lens", "4", "--bootstrap", "40", "--skip-paper"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert re.search(r"^lru model, .* \d+\.\d{3} +\d+\.\d{3} +\d+\.\d +\d+\.\d$", result.stdout, flags=re.M)
+    assert "paper's method" not in result.stdout
+
+
 def test_bench_recorder_decode_small_run_counts_no_host_read():
     # The script exits non-zero if the recorder adds any host read (item, tolist, bool, ...) during generate().
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_recorder_decode.py"), "--repeats", "1",

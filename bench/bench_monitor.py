@@ -29,7 +29,8 @@ more. It shows how the overhead scales with the model; the default model is the 
 
 ``--breakdown`` records one batch and times, outside any training step, ``monitor.update`` and each piece of
 work it does for the default layout (one validation of the stacked layers; the SRP histograms of every L, one
-call; each cache pass at layer level and on the model-level stream), each the median of 30 calls.
+call; joining the layers into the model-level stream, also in the torch formulation for comparison; each cache
+pass at layer level and on the model-level stream), each the median of 30 calls.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "examples")]  # the checkout's l
 from lrc_kernels import dispatch  # noqa: E402
 from lrc_kernels._checks import check_topk  # noqa: E402
 from lrc_kernels.hf import RoutingMonitor, RoutingRecorder  # noqa: E402
-from lrc_kernels.routing import join_layers  # noqa: E402
+from lrc_kernels.routing import join_layers, join_layers_with_torch  # noqa: E402
 from train_loop_monitor import DATA_DIR, token_batches  # noqa: E402  (the example's batches of sample.txt)
 
 
@@ -141,6 +142,9 @@ def print_breakdown(bench: Bench) -> None:
     srp_ms = median_ms(lambda: dispatch.run("srp_pooled_counts", monitor.backend, ids, stacked_lengths, num_experts,
                                             monitor.seg_lens))
     print(f"  SRP histograms, L = {', '.join(map(str, monitor.seg_lens))} in one call: {srp_ms:.2f}")
+    layer_ids = ids.view(num_layers, *layers[0].shape)
+    print(f"  joining the model-level stream: {median_ms(lambda: join_layers(layer_ids, num_experts)):.3f} "
+          f"(torch formulation {median_ms(lambda: join_layers_with_torch(layer_ids, num_experts)):.3f})")
     for name, policy, seg_len in monitor._cache_specs:
         layer_ms = cache_ms(ids, stacked_lengths, num_experts, policy, seg_len)
         model_ms = cache_ms(stream, lengths, num_layers * num_experts, policy, seg_len)

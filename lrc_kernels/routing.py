@@ -77,8 +77,19 @@ def concat_layers(topk_layers: Union[torch.Tensor, Sequence[torch.Tensor]], num_
 def join_layers(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """:func:`concat_layers` of validated ids ``[n_layers, S, T, k]`` -> contiguous ``[S, T, n_layers * k]``.
 
-    Computes in the dtype of ``ids`` (int32 ids need ``n_layers * num_experts < 2^31``).
+    Computes in the dtype of ``ids`` (int32 ids need ``n_layers * num_experts < 2^31``). CPU tensors take the
+    numba loop of :mod:`lrc_kernels.cpu.layout` (faster on small k, bench_monitor.py --breakdown), others
+    :func:`join_layers_with_torch`; both equal the reference (tested).
     """
+    if ids.device.type == "cpu":
+        from lrc_kernels.cpu.layout import join_layers as join_on_cpu
+
+        return join_on_cpu(ids, num_experts)
+    return join_layers_with_torch(ids, num_experts)
+
+
+def join_layers_with_torch(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """:func:`join_layers` in torch operations, for any device."""
     num_layers, num_seqs, num_tokens = ids.shape[:3]
     offsets = torch.arange(num_layers, device=ids.device, dtype=ids.dtype).view(-1, 1, 1, 1) * num_experts
     stream = torch.where(ids >= 0, ids + offsets, ids)

@@ -28,6 +28,7 @@ def test_bench_monitor_runs_the_default_monitor_on_a_short_run():
     assert "caches=('sch@4', 'sch@16', 'sch@64', 'sch@256', 'lru', 'lfu', 'belady')" in result.stdout
     assert re.search(r"overhead \(wall\) [+-]\d+\.\d+ %", result.stdout), result.stdout
     assert re.search(r"cache sch@256 +layer level \d+\.\d+, model level \(64 slots\) \d+\.\d+", result.stdout)
+    assert re.search(r"joining the model-level stream: \d+\.\d+ \(torch formulation \d+\.\d+\)", result.stdout)
 
 
 def test_bench_monitor_builds_a_wider_model_of_the_same_layout():

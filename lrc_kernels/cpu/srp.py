@@ -143,8 +143,10 @@ def _run_window_histograms(topk: torch.Tensor, lengths: torch.Tensor, num_expert
     # np.zeros gets pre-zeroed pages from the OS on demand; for large L most of [S, E, L+1] is never
     # written, and torch.zeros would spend more time clearing it than the sweep takes.
     histograms = np.zeros((topk.shape[0], int(widths.sum())), dtype=np.int64)
+    # sliced by slots, not slots x lengths: the monitor's batch (16 K slots, four L) took 0.89-1.03 ms on two
+    # threads against 0.53-0.55 ms on one (its update, bench/RESULTS.md)
     run_sliced(_window_histograms, (topk.numpy(), lengths.numpy(), histograms),
-               (num_experts, ascending, offsets, strides), _work(topk) * len(ascending))
+               (num_experts, ascending, offsets, strides), _work(topk))
     return dict(zip(ascending.tolist(), torch.from_numpy(histograms).split(widths.tolist(), dim=1)))
 
 

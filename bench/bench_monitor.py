@@ -14,7 +14,10 @@ after warm-up steps of both kinds, so both see the same machine load:
   say otherwise.
 
 Overhead = (median monitored step + median log / log_every) / median plain step - 1, in wall time (the goal)
-and in process CPU time (all threads). Medians of single steps resist the load spikes of a shared machine
+and in process CPU time (all threads). The paired line takes the median over pairs of (monitored + median log
+/ log_every) / plain - 1 for the two steps of each pair, which run back to back, and (update + median log /
+log_every) / plain for the update of that pair's monitored step, each with a 95 % percentile-bootstrap
+interval over the pairs. Medians of single steps resist the load spikes of a shared machine
 better than block totals, but on a busy machine their noise (several %) can exceed the overhead, so the
 script also prints a component estimate: (median update + median log / log_every) / median plain step.
 
@@ -39,6 +42,7 @@ import argparse
 import os
 import pathlib
 import platform
+import random
 import statistics
 import sys
 import time
@@ -108,6 +112,17 @@ class Bench:
             self.log_seconds.append(time.perf_counter() - start)
             assert summary and all(0.0 <= value <= 1.0 for value in summary.values())
         return elapsed
+
+
+def paired_median(ratios, resamples=2000, seed=0) -> tuple:
+    """(median, low, high): the median of per-pair ratios and a 95 % percentile-bootstrap interval over pairs.
+
+    A plain and a monitored step of one pair run back to back, so a drift of the machine's speed over the run
+    (up to 1.6x within minutes on the 2-vCPU VM, bench/RESULTS.md) cancels in their ratio.
+    """
+    draw = random.Random(seed)
+    medians = sorted(statistics.median(draw.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return statistics.median(ratios), medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
 def median_ms(run, calls=30) -> float:
@@ -215,6 +230,12 @@ def main(argv=None) -> None:
     print(f"overhead (wall) {100 * overhead:+.2f} %  (goal <= 3 %: {'met' if overhead <= 0.03 else 'missed'})")
     print(f"component estimate (median update + median log / log_every) / median plain step: "
           f"{100 * component:+.2f} %")
+    log_share = log_median / args.log_every
+    paired_wall = paired_median([(m + log_share) / p - 1 for p, m in zip(plain, monitored)])
+    paired_update = paired_median([(u + log_share) / p for p, u in zip(plain, bench.update_seconds)])
+    print("paired over the %d adjacent (plain, monitored) steps, median and 95 %% bootstrap interval: wall %+.2f %% "
+          "[%+.2f, %+.2f], update + log / plain step %+.2f %% [%+.2f, %+.2f]"
+          % (len(plain), *(100 * x for x in paired_wall), *(100 * x for x in paired_update)))
     if args.breakdown:
         print_breakdown(bench)
 

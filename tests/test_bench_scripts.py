@@ -27,6 +27,9 @@ def test_bench_monitor_runs_the_default_monitor_on_a_short_run():
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "caches=('sch@4', 'sch@16', 'sch@64', 'sch@256', 'lru', 'lfu', 'belady')" in result.stdout
     assert re.search(r"overhead \(wall\) [+-]\d+\.\d+ %", result.stdout), result.stdout
+    assert re.search(r"paired over the 2 adjacent \(plain, monitored\) steps, median and 95 % bootstrap interval: "
+                     r"wall [+-]\d+\.\d+ % \[[+-]\d+\.\d+, [+-]\d+\.\d+\], update \+ log / plain step [+-]\d+\.\d+ %",
+                     result.stdout), result.stdout
     assert re.search(r"cache sch@256 +layer level \d+\.\d+, model level \(64 slots\) \d+\.\d+", result.stdout)
     assert re.search(r"joining the model-level stream: \d+\.\d+ \(torch formulation \d+\.\d+\)", result.stdout)
 

@@ -19,7 +19,8 @@ from . import dispatch
 from ._checks import check_topk
 from ._monitor_inputs import CacheSpec
 from .routing import join_layers
-from .srp import weighted_sum
+from .cache import count_references
+from .srp import pooled_histograms, weighted_sum
 
 KINDS = ("references", "srp", "hits")
 
@@ -200,15 +201,14 @@ def per_sequence_statistics(statistics: Sequence[Statistic], names: List[str], l
             raise
         view = (len(members), num_seqs, -1)
         index = torch.tensor(members, device=device) if len(groups) > 1 else None
-        srp_histograms = dict(zip(seg_lens, dispatch.run("srp_pooled_counts", backend, ids, group_lengths, experts,
-                                                         seg_lens))) if seg_lens else {}
+        srp_histograms = pooled_histograms(ids, group_lengths, experts, seg_lens, backend) if seg_lens else {}
         for statistic in layer_statistics:
             if statistic.kind == "srp":
                 value = srp_histograms[statistic.seg_len]
             elif statistic.kind == "hits":
                 value = hits(statistic.cache, ids, group_lengths, experts)
-            else:  # check_topk already wrote -1 past each sequence's length
-                value = int_sum(ids >= 0, (1, 2))
+            else:
+                value = count_references(ids)
             value = value.view(view)
             if index is None:
                 per_seq[statistic.key] = value

@@ -28,9 +28,9 @@ from . import dispatch
 from ._checks import check_allocation, check_choice, check_int, check_topk
 from ._meta import merged_meta
 from .bootstrap import check_bootstrap_options, resample_weights
-from .cache import POLICIES, curve_from_hits
+from .cache import POLICIES, count_references, curve_from_hits
 from .routing import concat_layers
-from .srp import coverage_counts, coverage_ratio, score_sequences
+from .srp import coverage_counts, coverage_ratio, pooled_histograms, score_sequences
 from .trace import PHASES, RoutingTrace
 
 CURVE_FIELDS = ("hit_rate", "ci_low", "ci_high")
@@ -151,12 +151,11 @@ def _stream_statistics(topk, num_experts, lengths, seg_lens, cache_keys, srp_his
     check_allocation((num_seqs, num_experts), "num_experts", "hits [S, E]")
     if srp_histograms is None:
         check_allocation((num_seqs, sum(seg_len + 1 for seg_len in seg_lens)), "seg_len", "histograms [S, L+1]")
-        srp_histograms = dict(zip(seg_lens, dispatch.run("srp_pooled_counts", backend, ids, lengths, num_experts,
-                                                         seg_lens)))
+        srp_histograms = pooled_histograms(ids, lengths, num_experts, seg_lens, backend)
     # the defaults of cache_curve: free-slot hits, token lookup
     hits = {key: dispatch.run("cache_hits", backend, ids, lengths, num_experts, policy, look_ahead, True, "token")
             for key, policy, look_ahead in cache_keys}
-    num_references = (ids >= 0).sum(dim=(1, 2)).to(torch.int64)
+    num_references = count_references(ids)
     coverage = {seg_len: coverage_counts(ids, lengths, num_experts, seg_len, backend).sum(0) for seg_len in seg_lens}
     return StreamStatistics(srp=srp_histograms, hits=hits, num_references=num_references, coverage=coverage)
 

@@ -125,10 +125,19 @@ def cache_curve(topk: torch.Tensor, num_experts: int, policy: str, *, seg_len: O
     seg_len = check_cache_options(policy, seg_len, free_slot_hits, lookup)
     num_bootstrap, confidence = check_bootstrap_options(num_bootstrap, confidence, weights)
     ids, hits, _ = _hits(topk, num_experts, policy, seg_len, lengths, free_slot_hits, lookup, backend)
-    num_references = (ids >= 0).sum(dim=(1, 2)).to(torch.int64)
+    num_references = count_references(ids)
     if num_bootstrap > 0 or weights is not None:
         weights = bootstrap_weights(ids.shape[0], num_bootstrap, confidence, generator, weights)
     return curve_from_hits(hits, num_references, weights, confidence)
+
+
+def count_references(ids: torch.Tensor) -> torch.Tensor:
+    """``N_s``, the valid references of each sequence of validated ids ``[S, T, k]``: int64 ``[S]``.
+
+    Trusted internal of :func:`cache_curve`, :mod:`lrc_kernels.analyze` and the monitor (``check_topk`` has
+    written -1 past each sequence's length).
+    """
+    return (ids >= 0).sum(dim=(1, 2), dtype=torch.int64)
 
 
 def curve_from_hits(hits: torch.Tensor, num_references: torch.Tensor, weights: Optional[torch.Tensor] = None,

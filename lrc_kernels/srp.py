@@ -251,6 +251,14 @@ def _check_histogram_memory(ids: torch.Tensor, num_experts: int, seg_lens: Tuple
         check_allocation((ids.shape[-3], width), "seg_len", "per-sequence histograms [S, L+1]")
 
 
+def pooled_histograms(ids: torch.Tensor, lengths: torch.Tensor, num_experts: int,
+                      seg_lens: Sequence[int], backend: str) -> Dict[int, torch.Tensor]:
+    """``{L: [S, L+1]}``, the histograms pooled over experts of validated routing ``[S, T, k]``, every L from
+    one backend call (one sweep on the CPU). Trusted internal of :func:`srp`, :mod:`lrc_kernels.analyze` and
+    the monitor (inputs are not validated again, memory is checked by the caller)."""
+    return dict(zip(seg_lens, dispatch.run("srp_pooled_counts", backend, ids, lengths, num_experts, tuple(seg_lens))))
+
+
 def _per_sequence_histograms(ids: torch.Tensor, lengths: torch.Tensor, num_experts: int,
                              seg_lens: Tuple[int, ...], level: str, backend: str) -> Dict[int, torch.Tensor]:
     """``{L: histograms}``, ``[S, E, L+1]`` (expert level) or ``[S, L+1]`` (layer, model), of validated routing."""
@@ -258,7 +266,7 @@ def _per_sequence_histograms(ids: torch.Tensor, lengths: torch.Tensor, num_exper
         return {seg_len: dispatch.run("srp_counts", backend, ids, lengths, num_experts, seg_len)
                 for seg_len in seg_lens}
     if level == "layer":
-        return dict(zip(seg_lens, dispatch.run("srp_pooled_counts", backend, ids, lengths, num_experts, seg_lens)))
+        return pooled_histograms(ids, lengths, num_experts, seg_lens, backend)
     num_layers, num_seqs = ids.shape[0], ids.shape[1]
     # layers x sequences are independent rows for the kernel; groups of layers bound the [rows, L+1] outputs
     width = sum(seg_len + 1 for seg_len in seg_lens)

@@ -26,6 +26,7 @@ sys.path[:0] = [BENCH, os.path.dirname(BENCH)]
 import lrc_kernels  # noqa: E402
 from _common import TRACE_KINDS, best_of, make_trace  # noqa: E402
 from lrc_kernels.cpu import cache as cpu_cache  # noqa: E402
+from lrc_kernels.cpu import cache_stack  # noqa: E402
 
 STACK_POLICIES = [("lfu", None), ("belady", None), ("sch", 4), ("sch", 16), ("sch", 64), ("sch", 256)]
 NO_SKIP = 62  # a block of 2^62 positions never fits in a stack, so no block is ever passed over
@@ -35,8 +36,8 @@ def walk_hits(stream, slots, policy, seg_len, log_block):
     lengths = np.full(stream.shape[0], stream.shape[1], np.int64)
     hits = np.zeros((stream.shape[0], slots), np.int64)
     look_ahead = min(seg_len, stream.shape[1] + 1) if policy == "sch" else 0
-    cpu_cache._stack_depth_hits(stream, lengths, hits, slots, cpu_cache._STACK_POLICY_CODES[policy], look_ahead,
-                                True, False, log_block)
+    cache_stack._stack_depth_hits(stream, lengths, hits, slots, cpu_cache._STACK_POLICY_CODES[policy], look_ahead,
+                                  True, False, log_block)
     return hits
 
 

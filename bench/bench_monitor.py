@@ -33,7 +33,8 @@ more. It shows how the overhead scales with the model; the default model is the 
 ``--breakdown`` records one batch and times, outside any training step, ``monitor.update`` and each piece of
 work it does for the default layout (one validation of the stacked layers; the SRP histograms of every L, one
 call; joining the layers into the model-level stream, also in the torch formulation for comparison; each cache
-pass at layer level and on the model-level stream), each the median of 30 calls.
+pass at layer level and on the model-level stream, alone and all of a stream's caches in the one call that
+``update`` makes), each the median of 30 calls.
 """
 
 from __future__ import annotations
@@ -165,6 +166,15 @@ def print_breakdown(bench: Bench) -> None:
         model_ms = cache_ms(stream, lengths, num_layers * num_experts, policy, seg_len)
         print(f"  cache {name:8s} layer level {layer_ms:.2f}, model level ({num_layers * num_experts} slots) "
               f"{model_ms:.2f}")
+    caches = [(policy, seg_len) for _, policy, seg_len in monitor._cache_specs]
+
+    def caches_ms(topk, topk_lengths, slots):
+        return median_ms(lambda: dispatch.run_caches(monitor.backend, topk, topk_lengths, slots, caches,
+                                                     monitor.free_slot_hits, monitor.lookup))
+
+    print(f"  all {len(caches)} caches in one call (as update runs them): layer level "
+          f"{caches_ms(ids, stacked_lengths, num_experts):.2f}, model level "
+          f"{caches_ms(stream, lengths, num_layers * num_experts):.2f}")
 
 
 def main(argv=None) -> None:

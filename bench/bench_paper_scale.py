@@ -119,7 +119,7 @@ def run_analysis(args, topk, device, stages):
 
 
 def breakdown(args, topk, statistics, device, stages):
-    print(f"\nbreakdown by metric (public calls; equal to analyze's statistics)")
+    print("\nbreakdown by metric (public calls; equal to analyze's statistics)")
     num_seqs = topk.shape[1]
     start = synchronized(device)
     ours_srp = {seg_len: [lrc_kernels.srp_counts(layer, args.experts, seg_len, pool="experts", backend=args.backend)

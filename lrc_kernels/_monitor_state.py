@@ -171,9 +171,12 @@ def per_sequence_statistics(statistics: Sequence[Statistic], names: List[str], l
     device = layers[0].device
     layer_statistics = [s for s in statistics if not s.model_level]
 
-    def hits(cache: CacheSpec, ids: torch.Tensor, ids_lengths: torch.Tensor, slots: int) -> torch.Tensor:
-        return dispatch.run("cache_hits", backend, ids, ids_lengths, slots, cache.policy, cache.seg_len,
-                            free_slot_hits, lookup)
+    def hits(caches: List[Statistic], ids: torch.Tensor, ids_lengths: torch.Tensor,
+             slots: int) -> Dict[str, torch.Tensor]:
+        """The hits of the cache statistics ``caches`` on one stream, by key, from one backend call."""
+        specs = [(statistic.cache.policy, statistic.cache.seg_len) for statistic in caches]
+        values = dispatch.run_caches(backend, ids, ids_lengths, slots, specs, free_slot_hits, lookup)
+        return {statistic.key: value for statistic, value in zip(caches, values)}
 
     # Layers with equal (E, k) run as one stacked batch of n·S sequences, validated once; then each
     # statistic is one backend call on the trusted ids instead of a public call that would validate again.
@@ -202,11 +205,12 @@ def per_sequence_statistics(statistics: Sequence[Statistic], names: List[str], l
         view = (len(members), num_seqs, -1)
         index = torch.tensor(members, device=device) if len(groups) > 1 else None
         srp_histograms = pooled_histograms(ids, group_lengths, experts, seg_lens, backend) if seg_lens else {}
+        layer_hits = hits([s for s in layer_statistics if s.kind == "hits"], ids, group_lengths, experts)
         for statistic in layer_statistics:
             if statistic.kind == "srp":
                 value = srp_histograms[statistic.seg_len]
             elif statistic.kind == "hits":
-                value = hits(statistic.cache, ids, group_lengths, experts)
+                value = layer_hits[statistic.key]
             else:
                 value = count_references(ids)
             value = value.view(view)
@@ -220,7 +224,5 @@ def per_sequence_statistics(statistics: Sequence[Statistic], names: List[str], l
     if model_statistics:
         # Model level implies one group holding every layer in order (equal E and k), validated already.
         stream = join_layers(stacked_ids.view(num_layers, num_seqs, num_tokens, -1), num_experts[0])
-        for statistic in model_statistics:
-            per_seq[statistic.key] = hits(statistic.cache, stream, stacked_lengths[:num_seqs],
-                                          num_layers * num_experts[0])
+        per_seq.update(hits(model_statistics, stream, stacked_lengths[:num_seqs], num_layers * num_experts[0]))
     return per_seq

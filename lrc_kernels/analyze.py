@@ -153,8 +153,9 @@ def _stream_statistics(topk, num_experts, lengths, seg_lens, cache_keys, srp_his
         check_allocation((num_seqs, sum(seg_len + 1 for seg_len in seg_lens)), "seg_len", "histograms [S, L+1]")
         srp_histograms = pooled_histograms(ids, lengths, num_experts, seg_lens, backend)
     # the defaults of cache_curve: free-slot hits, token lookup
-    hits = {key: dispatch.run("cache_hits", backend, ids, lengths, num_experts, policy, look_ahead, True, "token")
-            for key, policy, look_ahead in cache_keys}
+    values = dispatch.run_caches(backend, ids, lengths, num_experts,
+                                 [(policy, look_ahead) for _, policy, look_ahead in cache_keys], True, "token")
+    hits = {key: value for (key, _, _), value in zip(cache_keys, values)}
     num_references = count_references(ids)
     coverage = {seg_len: coverage_counts(ids, lengths, num_experts, seg_len, backend).sum(0) for seg_len in seg_lens}
     return StreamStatistics(srp=srp_histograms, hits=hits, num_references=num_references, coverage=coverage)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -91,7 +91,36 @@ def run(op: str, backend: str, topk: torch.Tensor, lengths: torch.Tensor, num_ex
     """
     policy = options[0] if op == "cache_hits" else None
     chosen = choose_backend(op, backend, topk, num_experts, policy).backend
-    function = getattr(importlib.import_module(f"lrc_kernels.{chosen}.{OPS[op]}"), op)
+    return _call(chosen, op, topk, lengths, num_experts, *options)
+
+
+def run_caches(backend: str, topk: torch.Tensor, lengths: torch.Tensor, num_experts: int,
+               caches: Sequence[Tuple[str, Optional[int]]], free_slot_hits: bool, lookup: str) -> List[torch.Tensor]:
+    """``cache_hits`` of each ``(policy, seg_len)`` in ``caches`` on one validated stream: int64 ``[S, E]`` each.
+
+    The backend is chosen per cache as :func:`run` chooses it; the caches one backend runs go to its
+    ``cache_hits_many`` in one call (the CPU backend crosses into numba once for all of them).
+
+    Example (SPEC §8 A, LRU and SCH(2)):
+        >>> topk = torch.tensor([[[0], [0], [1], [2], [0], [3], [2], [1]]], dtype=torch.int32)
+        >>> [hits.tolist() for hits in run_caches("cpu", topk, torch.tensor([8]), 4, [("lru", None), ("sch", 2)],
+        ...                                        True, "token")]
+        [[[2, 3, 6, 8]], [[2, 5, 6, 8]]]
+    """
+    chosen = [choose_backend("cache_hits", backend, topk, num_experts, policy).backend for policy, _ in caches]
+    hits: List[Optional[torch.Tensor]] = [None] * len(caches)
+    for name in dict.fromkeys(chosen):
+        members = [c for c, member_backend in enumerate(chosen) if member_backend == name]
+        many = _call(name, "cache_hits_many", topk, lengths, num_experts, [caches[c] for c in members],
+                     free_slot_hits, lookup)                                                   # [S, C, E]
+        for position, c in enumerate(members):
+            hits[c] = many[:, position]
+    return hits
+
+
+def _call(chosen: str, op: str, topk: torch.Tensor, lengths: torch.Tensor, num_experts: int, *options):
+    family = OPS["cache_hits" if op == "cache_hits_many" else op]
+    function = getattr(importlib.import_module(f"lrc_kernels.{chosen}.{family}"), op)
     if chosen == "cpu" and topk.device.type != "cpu":
         return function(topk.cpu(), lengths.cpu(), num_experts, *options).to(topk.device)
     return function(topk, lengths, num_experts, *options)

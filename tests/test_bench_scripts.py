@@ -32,6 +32,8 @@ def test_bench_monitor_runs_the_default_monitor_on_a_short_run():
                      result.stdout), result.stdout
     assert re.search(r"cache sch@256 +layer level \d+\.\d+, model level \(64 slots\) \d+\.\d+", result.stdout)
     assert re.search(r"joining the model-level stream: \d+\.\d+ \(torch formulation \d+\.\d+\)", result.stdout)
+    assert re.search(r"all 7 caches in one call \(as update runs them\): layer level \d+\.\d+, model level "
+                     r"\d+\.\d+", result.stdout)
 
 
 def test_bench_monitor_builds_a_wider_model_of_the_same_layout():

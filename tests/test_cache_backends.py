@@ -12,6 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lrc_kernels
+from lrc_kernels import dispatch
+from lrc_kernels._checks import check_topk
 from conftest import (
     BACKENDS,
     EXAMPLE_A,
@@ -75,6 +77,52 @@ def test_cache_hits_cpu(case):
 @given(cache_cases(max_e=64, max_k=4, max_t=40, max_s=3))
 def test_cache_hits_triton(case):
     check_against_reference(case, "triton")
+
+
+# distinct (policy, seg_len) pairs, as a caller with several caches of one stream passes them
+CACHE_SETS = st.lists(st.sampled_from([("lru", None), ("lfu", None), ("belady", None), ("sch", 1), ("sch", 3),
+                                       ("sch", 40)]), min_size=1, max_size=5, unique=True)
+
+
+def check_caches_of_one_stream(trace, caches, free_slot_hits, lookup, backend):
+    """``dispatch.run_caches`` on one validated stream gives each cache's reference hits, in the given order."""
+    topk, lengths, num_experts, _ = trace
+    device = backend_device(backend)
+    ids, ids_lengths, _ = check_topk(topk.to(device), num_experts,
+                                     lengths=None if lengths is None else lengths.to(device))
+    several = dispatch.run_caches(backend, ids, ids_lengths, num_experts, caches, free_slot_hits, lookup)
+    assert len(several) == len(caches)
+    for (policy, seg_len), hits in zip(caches, several):
+        assert hits.dtype == torch.int64 and hits.device.type == device.type
+        assert_equal_ints(hits.cpu(), ref_cache_hits(topk, lengths, num_experts, policy, seg_len, free_slot_hits,
+                                                     lookup))
+
+
+@settings(max_examples=40, deadline=None)
+@given(routing_traces(max_e=64, max_k=8, max_t=120, max_s=3), CACHE_SETS, st.booleans(), st.sampled_from(LOOKUPS))
+def test_caches_of_one_stream_in_one_call_cpu(trace, caches, free_slot_hits, lookup):
+    check_caches_of_one_stream(trace, caches, free_slot_hits, lookup, "cpu")
+
+
+@settings(max_examples=6, deadline=None)
+@given(routing_traces(max_e=16, max_k=3, max_t=24, max_s=2), CACHE_SETS, st.booleans(), st.sampled_from(LOOKUPS))
+def test_caches_of_one_stream_in_one_call_triton(trace, caches, free_slot_hits, lookup):
+    check_caches_of_one_stream(trace, caches, free_slot_hits, lookup, "triton")
+
+
+def test_caches_split_between_backends_come_back_in_order(monkeypatch):
+    """Where the backend differs per cache, each backend runs its caches in one call and the order holds."""
+    monkeypatch.setattr(dispatch, "choose_backend", lambda op, backend, topk, num_experts, policy=None:
+                        dispatch.BackendChoice("triton" if policy in ("lru", "belady") else "cpu"))
+    calls = []
+    real_call = dispatch._call
+    monkeypatch.setattr(dispatch, "_call", lambda chosen, op, *args: calls.append((chosen, op, args[-3])) or
+                        real_call(chosen, op, *args))
+    trace = (EXAMPLE_B, None, 4, None)
+    caches = [("sch", 2), ("lru", None), ("lfu", None), ("belady", None)]
+    check_caches_of_one_stream(trace, caches, True, "token", "cpu")
+    assert calls == [("cpu", "cache_hits_many", [("sch", 2), ("lfu", None)]),
+                     ("triton", "cache_hits_many", [("lru", None), ("belady", None)])]
 
 
 CPU_TRACE_CASES = [

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import lrc_kernels
 from conftest import assert_equal_ints, generate_trace, random_lengths, routing_traces
 from lrc_kernels import dispatch
+from lrc_kernels._checks import check_topk
 from lrc_kernels.cpu import cache as cpu_cache
 from reference import ref_cache_hits, ref_concat_layers
 
@@ -53,6 +54,23 @@ def test_model_level_stack_matches_reference(policy, seg_len, free_slot_hits, lo
     hits = lrc_kernels.cache_hits(stream, num_slots, policy, seg_len=seg_len, lengths=lengths,
                                   free_slot_hits=free_slot_hits, lookup=lookup, backend="cpu")
     assert_equal_ints(hits, _reference_hits(policy, seg_len, free_slot_hits, lookup))
+
+
+@pytest.mark.parametrize("lookup", ["token", "sequential"])
+@pytest.mark.parametrize("scan_max_slots, lru_count_max_slots", [(0, 1 << 30), (1 << 30, 0)],
+                         ids=["walk-and-count", "scan-and-tree"])
+def test_one_call_runs_caches_of_different_kernels(scan_max_slots, lru_count_max_slots, lookup, monkeypatch):
+    """``cache_hits_many`` picks a kernel per cache; each cache's hits equal the reference's."""
+    monkeypatch.setattr(cpu_cache, "SCAN_MAX_SLOTS", scan_max_slots)
+    monkeypatch.setattr(cpu_cache, "LRU_COUNT_MAX_SLOTS", lru_count_max_slots)
+    stream, lengths = _model_stream()
+    num_slots = NUM_LAYERS * NUM_EXPERTS
+    ids, ids_lengths, _ = check_topk(stream, num_slots, lengths=lengths)
+    caches = [("lru", None), ("lfu", None), ("belady", None), ("sch", 1), ("sch", 3), ("sch", 20)]
+    hits = cpu_cache.cache_hits_many(ids, ids_lengths, num_slots, caches, True, lookup)
+    assert hits.shape == (NUM_SEQUENCES, len(caches), num_slots)
+    for c, (policy, seg_len) in enumerate(caches):
+        assert_equal_ints(hits[:, c], _reference_hits(policy, seg_len, True, lookup))
 
 
 @settings(max_examples=40, deadline=None)

@@ -9,6 +9,7 @@ import torch
 
 import lrc_kernels
 from conftest import TraceCase
+from lrc_kernels._checks import check_topk
 from lrc_kernels.cpu import cache as cpu_cache
 from lrc_kernels.cpu import parallel
 from reference import ref_cache_hits, ref_concat_layers, ref_segment_coverage, ref_srp_counts
@@ -67,6 +68,17 @@ def test_cache_kernels_layer_and_model_level(policy, seg_len, deep_kernels, tiny
     model_hits = _for_every_thread_count(lambda: lrc_kernels.cache_hits(stream, 3 * num_experts, policy,
                                                                         seg_len=seg_len, backend="cpu"))
     assert torch.equal(model_hits, ref_cache_hits(stream, None, 3 * num_experts, policy, seg_len))
+
+
+def test_several_caches_in_one_call(tiny_slices):
+    """One call for every cache of a stream, sliced over threads: the same integers as one call per cache."""
+    topk, lengths, num_experts, _ = CASES[0].build()
+    ids, ids_lengths, _ = check_topk(topk, num_experts, lengths=lengths)
+    caches = [("lru", None), ("lfu", None), ("belady", None), ("sch", 2), ("sch", 16)]
+    several = _for_every_thread_count(lambda: cpu_cache.cache_hits_many(ids, ids_lengths, num_experts, caches, True,
+                                                                        "token"))
+    for c, (policy, seg_len) in enumerate(caches):
+        assert torch.equal(several[:, c], ref_cache_hits(topk, lengths, num_experts, policy, seg_len))
 
 
 def test_model_level_srp_pools_layers(tiny_slices):

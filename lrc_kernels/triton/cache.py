@@ -377,3 +377,18 @@ def cache_hits(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int, poli
     else:
         at_depth = _at_depth_chunked(*args, chunk=chunk)
     return at_depth.cumsum(1)
+
+
+def cache_hits_many(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int, caches, free_slot_hits: bool,
+                    lookup: str) -> torch.Tensor:
+    """:func:`cache_hits` of each ``(policy, seg_len)`` in ``caches``: int64 ``[S, C, E]`` (one launch per cache).
+
+    Example (SPEC §8 A, LRU and SCH(2)):
+        >>> topk = torch.tensor([[[0], [0], [1], [2], [0], [3], [2], [1]]], dtype=torch.int32)
+        >>> cache_hits_many(topk, torch.tensor([8]), 4, [("lru", None), ("sch", 2)], True, "token")
+        tensor([[[2, 3, 6, 8],
+                 [2, 5, 6, 8]]])
+    """
+    return torch.stack([cache_hits(topk, lengths, num_experts, policy, seg_len, free_slot_hits, lookup)
+                        for policy, seg_len in caches], dim=1)
+

@@ -1,4 +1,4 @@
-"""Benchmark: the model-level cache walk with and without its block skips (lrc_kernels/cpu/cache.py).
+"""Benchmark: the model-level cache walk with and without its block skips (lrc_kernels/cpu/cache_stack.py).
 
 Model-level streams (``--layers`` layers of ``--experts`` experts joined by ``concat_layers``, n·E cache
 slots, n·k references per token) are deeper than ``SCAN_MAX_SLOTS``, so LFU, Belady and SCH run the

@@ -173,13 +173,14 @@ def per_sequence_statistics(statistics: Sequence[Statistic], names: List[str], l
 
     def hits(caches: List[Statistic], ids: torch.Tensor, ids_lengths: torch.Tensor,
              slots: int) -> Dict[str, torch.Tensor]:
-        """The hits of the cache statistics ``caches`` on one stream, by key, from one backend call."""
+        """The hits of the cache statistics ``caches`` on one stream, by key (one call per backend)."""
         specs = [(statistic.cache.policy, statistic.cache.seg_len) for statistic in caches]
         values = dispatch.run_caches(backend, ids, ids_lengths, slots, specs, free_slot_hits, lookup)
         return {statistic.key: value for statistic, value in zip(caches, values)}
 
-    # Layers with equal (E, k) run as one stacked batch of n·S sequences, validated once; then each
-    # statistic is one backend call on the trusted ids instead of a public call that would validate again.
+    # Layers with equal (E, k) run as one stacked batch of n·S sequences, validated once; then the SRP
+    # histograms and the caches' hits are backend calls on the trusted ids instead of public calls that would
+    # validate again.
     groups: Dict[tuple, List[int]] = {}
     for q, topk in enumerate(layers):
         groups.setdefault((num_experts[q], topk.shape[-1]), []).append(q)

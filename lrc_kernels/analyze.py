@@ -141,7 +141,7 @@ def _cache_keys(seg_lens: Sequence[int], policies: Sequence[str]) -> list:
 
 
 def _stream_statistics(topk, num_experts, lengths, seg_lens, cache_keys, srp_histograms, backend):
-    """One stream's statistics, validated once: every statistic is then a backend call on the trusted ids.
+    """One stream's statistics, validated once: the statistics are then backend calls on the trusted ids.
 
     ``srp_histograms`` is ``{L: [S, L+1]}`` for the model-level stream (the layers' sums); ``None`` for a
     layer, whose histograms are computed here.

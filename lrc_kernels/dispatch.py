@@ -99,7 +99,8 @@ def run_caches(backend: str, topk: torch.Tensor, lengths: torch.Tensor, num_expe
     """``cache_hits`` of each ``(policy, seg_len)`` in ``caches`` on one validated stream: int64 ``[S, E]`` each.
 
     The backend is chosen per cache as :func:`run` chooses it; the caches one backend runs go to its
-    ``cache_hits_many`` in one call (the CPU backend crosses into numba once for all of them).
+    ``cache_hits_many`` in one call, whose slices of sequences run all of them on the CPU. The results are
+    views of that call's ``[S, C, E]`` tensor.
 
     Example (SPEC §8 A, LRU and SCH(2)):
         >>> topk = torch.tensor([[[0], [0], [1], [2], [0], [3], [2], [1]]], dtype=torch.int32)

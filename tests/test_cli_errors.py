@@ -5,6 +5,7 @@ escaping ``main``. The cases where the process itself matters (argparse, Ctrl-C,
 entry point) run as subprocesses.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -114,7 +115,11 @@ def test_random_argument_values_never_raise(capsys, tmp_path, trace_file, values
     """Whatever follows a valid trace command: an exit status and at most one line on stderr, no exception."""
     argv = ["trace", str(trace_file), "--num-experts", "4", "--num-bootstrap", "0", "--no-plots", "--quiet",
             "--out", str(tmp_path / "out"), "--overwrite"] + [str(v) for v in values]
-    code = main(argv)
+    # a drawn "--out <text>" overrides ours with a relative folder: let it land in a temporary folder
+    working_dir = tmp_path / "cwd"
+    working_dir.mkdir(exist_ok=True)
+    with contextlib.chdir(working_dir):
+        code = main(argv)
     err = capsys.readouterr().err
     assert code in (0, 1, 2)
     assert len(err.splitlines()) <= 1 or code == 0, err  # warnings may precede a success

@@ -24,7 +24,6 @@ def _used_after(last_use, time):
     return count
 
 
-
 @numba.njit(inline="always")
 def _tree_add(tree, time, delta, size):
     index = time + 1  # Fenwick trees count from 1

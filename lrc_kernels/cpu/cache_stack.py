@@ -78,7 +78,6 @@ def _prepare_keys(topk, s, num_tokens, num_experts, policy, seg_len, next_use, u
                     count[x] += 1
 
 
-
 @numba.njit(cache=True, nogil=True)
 def _stack_depth_hits(topk, lengths, hits, num_experts, policy, seg_len, free_slot_hits, sequential, log_block):
     num_sequences, _, num_slots = topk.shape

@@ -41,6 +41,8 @@ contiguous, ``[S, T, k]`` with ids in ``[-1, E)`` and no repeated valid id in a 
 ``[S]`` with values in ``[0, T]``, on the same device. Every count is int64 (SPEC section 9).
 """
 
+from typing import Optional, Sequence, Tuple
+
 import torch
 import triton
 import triton.language as tl
@@ -379,9 +381,16 @@ def cache_hits(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int, poli
     return at_depth.cumsum(1)
 
 
-def cache_hits_many(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int, caches, free_slot_hits: bool,
-                    lookup: str) -> torch.Tensor:
-    """:func:`cache_hits` of each ``(policy, seg_len)`` in ``caches``: int64 ``[S, C, E]`` (one launch per cache).
+def cache_hits_many(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int,
+                    caches: Sequence[Tuple[str, Optional[int]]], free_slot_hits: bool, lookup: str) -> torch.Tensor:
+    """:func:`cache_hits` of each ``(policy, seg_len)`` in ``caches``, one launch each.
+
+    Args:
+        topk, lengths, num_experts, free_slot_hits, lookup: as in :func:`cache_hits`.
+        caches: ``(policy, seg_len)`` pairs, at least one: ``"sch"`` with its look-ahead, the others with None.
+
+    Returns:
+        int64 ``[S, C, E]``: entry ``[s, c, m-1]`` is the hits of cache c at size m.
 
     Example (SPEC §8 A, LRU and SCH(2)):
         >>> topk = torch.tensor([[[0], [0], [1], [2], [0], [3], [2], [1]]], dtype=torch.int32)
@@ -391,4 +400,3 @@ def cache_hits_many(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int,
     """
     return torch.stack([cache_hits(topk, lengths, num_experts, policy, seg_len, free_slot_hits, lookup)
                         for policy, seg_len in caches], dim=1)
-

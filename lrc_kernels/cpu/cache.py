@@ -9,8 +9,7 @@ The kernels live in :mod:`lrc_kernels.cpu.cache_lru` (LRU: a count over last-use
 above ``LRU_COUNT_MAX_SLOTS`` slots) and :mod:`lrc_kernels.cpu.cache_stack` (LFU, Belady, SCH: the
 branch-free scan up to ``SCAN_MAX_SLOTS`` slots, the walk with block skips above). This module picks one per
 cache; :func:`cache_hits_many` runs several caches of one stream, each slice of sequences running all of
-them, so the caches' work together decides how many threads a batch gets (the monitor's 16 K references
-per pass are too few to split, its seven passes together are not).
+them.
 
 Inputs are validated by the public API layer (docs/architecture.md): ``topk`` is int32, contiguous,
 ``[S, T, k]`` with ids in ``[-1, E)`` and no repeated valid id in a row; ``lengths`` is int64 ``[S]`` with
@@ -86,9 +85,12 @@ def cache_hits_many(topk, lengths, num_experts, caches: Sequence[Tuple[str, Opti
     # the look-ahead never reaches past T, so clipping L keeps i + L from overflowing int64
     look_aheads = [min(seg_len, num_tokens + 1) if policy == "sch" else 0 for policy, seg_len in caches]
     hits = np.zeros((num_sequences, len(caches), num_experts), np.int64)
+    # A batch is sliced by one cache's references, as a single cache would be: the monitor's batch, too small
+    # to split for one cache, ran 5 % slower inside a training step when split for its seven (torch's
+    # OpenMP workers spin on the other core; bench/RESULTS.md, fifth session).
     run_sliced(_depth_hits_many, (np.ascontiguousarray(topk.numpy()), np.ascontiguousarray(lengths.numpy()), hits),
                (num_experts, kernels, policy_codes, look_aheads, bool(free_slot_hits), lookup == "sequential",
-                LOG_SKIP_BLOCK), num_sequences * num_tokens * num_slots * len(caches))
+                LOG_SKIP_BLOCK), num_sequences * num_tokens * num_slots)
     return torch.from_numpy(hits)
 
 

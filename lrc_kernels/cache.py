@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 
 from . import dispatch
 from ._checks import check_allocation, check_choice, check_int, check_topk
+from ._reduce import int_sum
 from .bootstrap import basic_interval, bootstrap_weights, check_bootstrap_options
 
 POLICIES = ("sch", "lru", "lfu", "belady")
@@ -138,9 +138,7 @@ def count_references(ids: torch.Tensor) -> torch.Tensor:
     Trusted internal of :func:`cache_curve`, :mod:`lrc_kernels.analyze` and the monitor (``check_topk`` has
     written -1 past each sequence's length).
     """
-    if ids.device.type == "cpu":  # numpy: a torch reduction this small costs more in its thread pool's wake-up
-        return torch.from_numpy((ids.numpy() >= 0).sum(axis=(1, 2), dtype=np.int64))
-    return (ids >= 0).sum(dim=(1, 2), dtype=torch.int64)
+    return int_sum(ids >= 0, (1, 2))
 
 
 def curve_from_hits(hits: torch.Tensor, num_references: torch.Tensor, weights: Optional[torch.Tensor] = None,

@@ -291,12 +291,13 @@ def weighted_sum(weights: torch.Tensor, per_sequence: torch.Tensor) -> torch.Ten
     ``per_sequence`` reaches 2^53 are refused (``ValueError`` naming ``weights``) rather than rounded.
     """
     flat = per_sequence.reshape(per_sequence.shape[0], math.prod(per_sequence.shape[1:])).to(torch.float64)
+    float_weights = weights.to(device=flat.device, dtype=torch.float64)
     if flat.numel() and weights.numel():
-        bound = float(weights.to(torch.float64).sum(0).max()) * float(flat.max())
+        bound = float(float_weights.sum(0).max()) * float(flat.max())
         if bound >= 2.0 ** 53:
             raise ValueError(f"weights: expected column total x largest count below 2^53 so that the weighted "
                              f"sums are exact, received a bound of {bound:.4g}")
-    pooled = weights.to(device=flat.device, dtype=torch.float64).T @ flat
+    pooled = float_weights.T @ flat
     return pooled.round().to(torch.int64).view(weights.shape[1], *per_sequence.shape[1:])
 
 

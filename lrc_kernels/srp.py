@@ -254,7 +254,7 @@ def _check_histogram_memory(ids: torch.Tensor, num_experts: int, seg_lens: Tuple
 def pooled_histograms(ids: torch.Tensor, lengths: torch.Tensor, num_experts: int,
                       seg_lens: Sequence[int], backend: str) -> Dict[int, torch.Tensor]:
     """``{L: [S, L+1]}``, the histograms pooled over experts of validated routing ``[S, T, k]``, every L from
-    one backend call (one sweep on the CPU). Trusted internal of :func:`srp`, :mod:`lrc_kernels.analyze` and
+    one backend call. Trusted internal of :func:`srp`, :mod:`lrc_kernels.analyze` and
     the monitor (inputs are not validated again, memory is checked by the caller)."""
     return dict(zip(seg_lens, dispatch.run("srp_pooled_counts", backend, ids, lengths, num_experts, tuple(seg_lens))))
 
@@ -312,7 +312,7 @@ def srp(topk: Union[torch.Tensor, Sequence[torch.Tensor]], num_experts: int, seg
             ``[n_layers, S, T, k]`` (or a list of ``[S, T, k]``) for ``"model"``. ``-1`` = no expert.
         num_experts: E per layer.
         seg_len: window length L >= 1, or a list of distinct ones: the routing is then validated once, the
-            layer- and model-level histograms of every L come from one sweep on the CPU, and every L shares
+            layer- and model-level histograms of every L come from one backend call, and every L shares
             one bootstrap weight matrix (SPEC §3, joint resampling).
         level: ``"expert"`` (one score per expert, shape ``[E]``), ``"layer"`` (one score, shape ``[]``) or
             ``"model"`` (all layers pooled, one shared threshold, shape ``[]``).

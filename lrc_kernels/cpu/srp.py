@@ -90,9 +90,9 @@ def _add_crossings(topk, s, num_tokens, seg_len, count, falls, rises):
 def _pooled_histograms(topk, lengths, histograms, num_experts, seg_lens, offsets):
     # histograms[s, offsets[i] + c] for window length seg_lens[i] (ascending), pooled over experts, from
     # G[c] = #(window, expert) pairs with count >= c. An expert's count is >= c from a window where it rises to c
-    # until one where it falls below c (or W), so G[c] = Σ falls at c - Σ rises at c (+ W per expert whose count
-    # is still >= c in the last window); then H[c] = G[c] - G[c+1]. Each crossing is one add to a per-level sum,
-    # and pooling makes those sums [L+1] per sequence.
+    # (window 0 for the first window's counts) until one where it falls below c (or W), so G[c] = Σ falls at c
+    # - Σ rises at c, plus W per expert whose count is still >= c in the last window; then H[c] = G[c] - G[c+1].
+    # Each crossing is one add to a per-level sum, and pooling makes those sums [L+1] per sequence.
     num_sequences = topk.shape[0]
     longest = seg_lens[seg_lens.shape[0] - 1]
     count = np.zeros(num_experts, np.int64)
@@ -214,7 +214,7 @@ def srp_counts(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int, seg_
 
 def srp_pooled_counts(topk: torch.Tensor, lengths: torch.Tensor, num_experts: int,
                       seg_lens: Sequence[int]) -> Tuple[torch.Tensor, ...]:
-    """Per-sequence histograms of window counts pooled over experts, for several L in one sweep.
+    """Per-sequence histograms of window counts pooled over experts, for several L in one call.
 
     Args:
         topk, lengths, num_experts: as in :func:`srp_counts`.

@@ -27,24 +27,30 @@ import torch
 from .parallel import run_sliced
 
 
+@numba.njit(inline="always")
+def _count_first_window(topk, s, seg_len, count):
+    """``count[e]`` = rows of tokens ``0..L-1`` of sequence s holding e (``count`` zeroed first)."""
+    count[:] = 0
+    for t in range(seg_len):
+        for j in range(topk.shape[2]):
+            e = topk[s, t, j]
+            if e >= 0:
+                count[np.uint32(e)] += 1
+
+
 @numba.njit(cache=True, nogil=True)
 def _expert_histograms(topk, lengths, histograms, num_experts, seg_len):
     # histograms[s, e * (L+1) + c]: each count change credits the windows the old count held (w - since)
     num_sequences, _, num_slots = topk.shape
     width = seg_len + 1
-    count = np.zeros(num_experts, np.int64)
+    count = np.empty(num_experts, np.int64)
     since = np.zeros(num_experts, np.int64)  # window index from which each expert has held its count
     for s in range(num_sequences):
         num_tokens = lengths[s]
         if seg_len > num_tokens:
             continue
-        count[:] = 0
+        _count_first_window(topk, s, seg_len, count)
         since[:] = 0
-        for t in range(seg_len):
-            for j in range(num_slots):
-                e = topk[s, t, j]
-                if e >= 0:
-                    count[np.uint32(e)] += 1
         for w in range(1, num_tokens - seg_len + 1):
             for j in range(num_slots):
                 signed_e = topk[s, w - 1, j]
@@ -95,7 +101,7 @@ def _pooled_histograms(topk, lengths, histograms, num_experts, seg_lens, offsets
     # Each crossing is one add to a per-level sum, and pooling makes those sums [L+1] per sequence.
     num_sequences = topk.shape[0]
     longest = seg_lens[seg_lens.shape[0] - 1]
-    count = np.zeros(num_experts, np.int64)
+    count = np.empty(num_experts, np.int64)
     falls = np.zeros(longest + 1, np.int64)
     rises = np.zeros(longest + 1, np.int64)
     last_window = np.zeros(longest + 1, np.int64)  # experts by their count in the last window
@@ -106,15 +112,10 @@ def _pooled_histograms(topk, lengths, histograms, num_experts, seg_lens, offsets
             num_windows = num_tokens - seg_len + 1
             if num_windows <= 0:
                 break
-            count[:] = 0
+            _count_first_window(topk, s, seg_len, count)
             falls[:seg_len + 1] = 0
             rises[:seg_len + 1] = 0
             last_window[:seg_len + 1] = 0
-            for t in range(seg_len):
-                for j in range(topk.shape[2]):
-                    e = topk[s, t, j]
-                    if e >= 0:
-                        count[np.uint32(e)] += 1
             _add_crossings(topk, s, num_tokens, seg_len, count, falls, rises)
             for e in range(num_experts):
                 last_window[count[e]] += 1

@@ -24,7 +24,8 @@ from ._checks import check_choice
 
 BACKENDS = ("auto", "cpu", "triton")
 # op -> the family module lrc_kernels.<backend>.<family> that implements it
-OPS = {"srp_counts": "srp", "srp_pooled_counts": "srp", "segment_coverage": "srp", "cache_hits": "cache"}
+OPS = {"srp_counts": "srp", "srp_pooled_counts": "srp", "segment_coverage": "srp", "cache_hits": "cache",
+       "cache_hits_many": "cache"}
 _SUPPORTS = {"cpu": cpu_backend.supports, "triton": triton_backend.supports}
 
 _log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def choose_backend(op: str, backend: str, topk: torch.Tensor, num_experts: int,
     """The backend that runs ``op`` on a validated ``[S, T, k]`` routing tensor.
 
     Args:
-        op: a key of :data:`OPS`.
+        op: a key of :data:`OPS` (for ``cache_hits_many``, ask per cache as ``cache_hits``).
         backend: ``"auto"``, ``"cpu"`` or ``"triton"``.
         topk: the validated routing tensor (its device and shape are what backends decide on).
         num_experts: E (``n * E`` for a model-level stream).
@@ -120,8 +121,7 @@ def run_caches(backend: str, topk: torch.Tensor, lengths: torch.Tensor, num_expe
 
 
 def _call(chosen: str, op: str, topk: torch.Tensor, lengths: torch.Tensor, num_experts: int, *options):
-    family = OPS["cache_hits" if op == "cache_hits_many" else op]
-    function = getattr(importlib.import_module(f"lrc_kernels.{chosen}.{family}"), op)
+    function = getattr(importlib.import_module(f"lrc_kernels.{chosen}.{OPS[op]}"), op)
     if chosen == "cpu" and topk.device.type != "cpu":
         return function(topk.cpu(), lengths.cpu(), num_experts, *options).to(topk.device)
     return function(topk, lengths, num_experts, *options)

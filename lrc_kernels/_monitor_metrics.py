@@ -28,38 +28,48 @@ def score_state(state: Mapping[str, torch.Tensor], statistics: Sequence[Statisti
 
     references = state["references"]
     num_layers = references.shape[0]
+    device = references.device
+    model_references = references.sum()
+    if "references/boot" in state:
+        model_references_boot = state["references/boot"].sum(0)
+    # Per reported size c·k: which layers have that many experts and the hit column they read. The same for
+    # every cache, so built once per call (a monitor's summary runs ~20 cache statistics through them).
+    layer_index = torch.arange(num_layers, device=device)
+    experts = torch.tensor(num_experts, device=device)
+    layer_sizes = []
+    for c in cache_sizes_in_k:
+        sizes = c * torch.tensor(top_k, device=device)
+        layer_sizes.append((c, sizes <= experts, torch.minimum(sizes, experts) - 1))
     for statistic in statistics:
         key, total, boot = statistic.key, state[statistic.key], state.get(statistic.boot_key)
         if statistic.kind == "references":
             out["references"] = total.clone()
             if model_level:
-                out["model/references"] = total.sum()
+                out["model/references"] = model_references
         elif statistic.kind == "srp":
-            layer_score = score_histograms(total)                                             # [n, L+1]
-            out[key], out[f"{key}/support"] = layer_score.best_f1, layer_score.support
+            # The layers' and the model's histograms in one scoring call: [n + 1, L+1] (last row pooled).
+            rows = torch.cat([total, total.sum(0, keepdim=True)]) if model_level else total
+            score = score_histograms(rows)
+            out[key], out[f"{key}/support"] = score.best_f1[:num_layers], score.support[:num_layers]
             if model_level:
-                model_score = score_histograms(total.sum(0))
-                out[f"model/{key}"], out[f"model/{key}/support"] = model_score.best_f1, model_score.support
+                out[f"model/{key}"], out[f"model/{key}/support"] = score.best_f1[-1], score.support[-1]
             if boot is not None:                                                              # [n, B, L+1]
-                add_interval(key, score_histograms(boot).best_f1)
+                boot_rows = torch.cat([boot, boot.sum(0, keepdim=True)]) if model_level else boot
+                replicates = score_histograms(boot_rows).best_f1
+                add_interval(key, replicates[:num_layers])
                 if model_level:
-                    add_interval(f"model/{key}", score_histograms(boot.sum(0)).best_f1)
+                    add_interval(f"model/{key}", replicates[-1])
         elif statistic.model_level:
             for c in cache_sizes_in_k:
                 m = c * num_layers * top_k[0]
                 if m > statistic.width:
                     continue
                 rate_key = f"model/hit@{c}k/{statistic.cache.name}"
-                out[rate_key] = total[m - 1].double() / references.sum()
+                out[rate_key] = total[m - 1].double() / model_references
                 if boot is not None:
-                    add_interval(rate_key, boot[:, m - 1].double() / state["references/boot"].sum(0))
+                    add_interval(rate_key, boot[:, m - 1].double() / model_references_boot)
         else:
-            layer_index = torch.arange(num_layers, device=references.device)
-            experts = torch.tensor(num_experts, device=references.device)
-            for c in cache_sizes_in_k:
-                sizes = c * torch.tensor(top_k, device=references.device)
-                reported = sizes <= experts
-                column = torch.minimum(sizes, experts) - 1
+            for c, reported, column in layer_sizes:
                 rate_key = f"hit@{c}k/{statistic.cache.name}"
                 out[rate_key] = torch.where(reported, total[layer_index, column].double() / references, math.nan)
                 if boot is not None:

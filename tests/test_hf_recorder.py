@@ -17,6 +17,8 @@ import textwrap
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("transformers")
 
@@ -25,6 +27,8 @@ from hf_models import CAPACITY_DROP, ENCODER_DECODER, FAMILIES, build_tiny_model
 
 from lrc_kernels import topk_from_logits  # noqa: E402
 from lrc_kernels.hf import RoutingRecorder, find_routers  # noqa: E402
+from lrc_kernels.hf.recorder import _experts_args_selection, _experts_args_selection_with_torch  # noqa: E402
+from lrc_kernels.hf.routers import RouterSite  # noqa: E402
 
 BATCH, SEQ, DEC_SEQ = 2, 7, 5
 # Families whose router emits its top-k already in processing order (descending score); the others use
@@ -542,3 +546,26 @@ def test_each_forward_pass_replaces_the_recorded_routing():
     assert lengths_first[name].tolist() == [SEQ, 5] + [SEQ] * (BATCH - 2)
     assert lengths_second[name].tolist() == [3]
     assert (routing_second[name][0, 3:] == -1).all() and (routing_second[name][0, :3] >= 0).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), rows=st.integers(0, 40), top_k=st.integers(1, 6),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]),
+       order_by_weight=st.booleans(), zero_weight_is_skip=st.booleans(), already_sorted=st.booleans())
+def test_cpu_selection_equals_the_torch_formulation(seed, rows, top_k, dtype, order_by_weight, zero_weight_is_skip,
+                                                    already_sorted):
+    """The recorder's numpy path for CPU captures equals the torch one kept for other devices: ids past E
+    become -1, zero weights too where they mean "skip", and unsorted rows are put in descending weight order
+    (ties in weight keep slot order). Weights on a coarse grid make ties and exact zeros frequent."""
+    generator = torch.Generator().manual_seed(seed)
+    num_experts = 8
+    ids = torch.randint(0, num_experts + 3, (rows, top_k), generator=generator)
+    weights = (torch.randint(0, 4, (rows, top_k), generator=generator) / 4).to(dtype)
+    if already_sorted:
+        weights = weights.sort(dim=-1, descending=True).values
+    site = RouterSite("layers.0.mlp.gate", 0, "decoder", num_experts, top_k, router=None, capture_module=None,
+                      order_by_weight=order_by_weight, zero_weight_is_skip=zero_weight_is_skip)
+    expected = _experts_args_selection_with_torch(site, ids.clone(), weights.clone())
+    received = _experts_args_selection(site, ids.clone(), weights.clone())
+    assert received.dtype == torch.int64
+    assert torch.equal(received, expected)

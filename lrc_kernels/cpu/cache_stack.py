@@ -17,7 +17,9 @@ stack is. Two kernels do this; :mod:`lrc_kernels.cpu.cache` picks one by the num
   falls along the walk, so a block of ``2^log_block`` positions whose keys' lower bound is not below it is
   passed over in one comparison: the cost grows with the blocks that hold a change, not with the depth.
 
-Pair keys ``(a, τ)`` pack into one int64 as ``a·2^32 + τ``, which is exact while a sequence holds fewer than
+Pair keys ``(a, τ)`` pack into one int64 as ``a·2^32 + τ``, where the kernels
+number a reference by its slot position ``t·k + j`` instead of its time: -1 slots leave gaps, but the order of
+the references, all that a key comparison sees, is the same. This is exact while a sequence holds fewer than
 2^31 slots (``MAX_CACHE_SLOTS_PER_SEQUENCE`` in :mod:`lrc_kernels.cpu`, which the dispatcher checks).
 
 Inputs as :mod:`lrc_kernels.cpu.cache` documents; ``hits`` is the int64 ``[S, E]`` output and ``policy`` one of
@@ -34,28 +36,24 @@ _ABOVE_EVERY_KEY = np.int64(2**63 - 1)
 
 @numba.njit(inline="always")
 def _next_uses(topk, s, num_tokens, num_experts, next_use, upcoming):
-    """``next_use[n]``: the time of reference n's next use, ``N_s + 1 + x`` if none (Belady's key)."""
+    """``next_use[n]``: the slot position of the next use of the expert in slot position ``n = t·k + j``, or
+    ``T_s·k + 1 + x`` if none (Belady's key; slot positions order references as their times do)."""
     num_slots = topk.shape[2]
-    num_refs = 0
-    for t in range(num_tokens):
-        for j in range(num_slots):
-            if topk[s, t, j] >= 0:
-                num_refs += 1
+    never = num_tokens * num_slots + 1
     for e in range(num_experts):
-        upcoming[e] = num_refs + 1 + e
-    n = num_refs
+        upcoming[e] = never + e
     for t in range(num_tokens - 1, -1, -1):
         for j in range(num_slots - 1, -1, -1):
             x = topk[s, t, j]
             if x >= 0:
-                n -= 1
+                n = t * num_slots + j
                 next_use[n] = upcoming[x]
                 upcoming[x] = n
 
 
 @numba.njit(inline="always")
 def _referenced_key(policy, count, x, n, next_use):
-    """The eviction key of expert x just referenced as reference n (its count updated for LFU and SCH)."""
+    """The eviction key of expert x just referenced in slot position n (its count updated for LFU and SCH)."""
     if policy == LFU:
         count[x] += 1
         return count[x] * _PAIR_SHIFT + n
@@ -105,7 +103,6 @@ def _stack_depth_hits(topk, lengths, hits, num_experts, policy, seg_len, free_sl
         depth_of_new = 0  # |P|
         _prepare_keys(topk, s, num_tokens, num_experts, policy, seg_len, next_use, upcoming, count)
 
-        n = 0
         for i in range(num_tokens):
             if not sequential:
                 # token lookup: depths in the stack as it was at token start; first references of the row
@@ -166,8 +163,7 @@ def _stack_depth_hits(topk, lengths, hits, num_experts, policy, seg_len, free_sl
                     block_low[last_block] = min(block_low[last_block], carry_key)
                 stack[0] = x
                 pos[x] = 0
-                stack_key[0] = _referenced_key(policy, count, x, n, next_use)
-                n += 1
+                stack_key[0] = _referenced_key(policy, count, x, i * num_slots + j, next_use)
             if policy == SCH and i + seg_len < num_tokens:
                 for j in range(num_slots):
                     y = topk[s, i + seg_len, j]
@@ -215,7 +211,6 @@ def _scan_depth_hits(topk, lengths, hits, num_experts, policy, seg_len, free_slo
         at_depth[:] = 0
         num_seen = 0
         _prepare_keys(topk, s, num_tokens, num_experts, policy, seg_len, next_use, upcoming, count)
-        n = 0
         for i in range(num_tokens):
             # Token lookup needs each reference's depth in the stack as it was at token start. A push-down
             # only moves experts it reads, so the scans of a token leave every position below the deepest one
@@ -259,8 +254,7 @@ def _scan_depth_hits(topk, lengths, hits, num_experts, policy, seg_len, free_slo
                     num_seen += 1
                 if was_seen or free_slot_hits:
                     at_depth[np.uint64(q if sequential else row_depth[j])] += 1
-                key[x] = _referenced_key(policy, count, x, n, next_use)
-                n += 1
+                key[x] = _referenced_key(policy, count, x, i * num_slots + j, next_use)
             if not sequential:
                 for j in range(num_slots):
                     x = topk[s, i, j]

@@ -13,6 +13,7 @@ import functools
 import inspect
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -48,17 +49,46 @@ def _read_experts_args(site: RouterSite, args: tuple, kwargs: dict) -> Callable[
 
 
 def _experts_args_selection(site: RouterSite, indices: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """The int64 ``[N, k]`` selection of a captured experts call (ids and weights are the recorder's copies)."""
+    if indices.device.type == "cpu":
+        return _experts_args_selection_on_cpu(site, indices, weights)
+    return _experts_args_selection_with_torch(site, indices, weights)
+
+
+def _experts_args_selection_with_torch(site: RouterSite, indices: torch.Tensor,
+                                       weights: Optional[torch.Tensor]) -> torch.Tensor:
     # Ids past the routed experts are zero-compute / skip experts (LongCat-Flash, Gemma-4's skip class): -1.
     indices = indices.masked_fill(indices >= site.num_experts, -1)
     if site.zero_weight_is_skip:
         indices = indices.masked_fill(weights == 0, -1)
-    # Most routers' top-k already comes in descending weight order, where the stable sort is the identity.
-    # On the CPU, checking that costs a tenth of sorting and gathering (13 against 128 us for 2,048 x 2 on 2
-    # cores); on other devices the check would be a host sync, which the recorder never makes.
-    if site.order_by_weight and (weights.device.type != "cpu" or not bool((weights[:, :-1] >= weights[:, 1:]).all())):
+    # Other devices sort always: checking first (the CPU path does) would be a host sync, which the recorder
+    # never makes.
+    if site.order_by_weight:
         order = torch.sort(weights, dim=-1, descending=True, stable=True).indices
         indices = indices.gather(-1, order)
     return indices.to(torch.int64)
+
+
+def _experts_args_selection_on_cpu(site: RouterSite, indices: torch.Tensor,
+                                   weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`_experts_args_selection` in numpy, in place on the recorder's own copies.
+
+    Inside a training step a torch operation on these few thousand entries costs ~10 us more than the numpy
+    one. Most routers hand over their top-k already in descending weight order, where the stable sort is the
+    identity, so the rows are checked first and sorted only if one is out of order.
+    """
+    indices = indices.to(torch.int64)
+    ids = indices.numpy()
+    np.putmask(ids, ids >= site.num_experts, -1)
+    if weights is None:
+        return indices
+    # float32 holds every bf16 / fp16 weight exactly, so comparisons are unchanged (numpy has no bf16)
+    values = (weights if weights.dtype in (torch.float32, torch.float64) else weights.float()).numpy()
+    if site.zero_weight_is_skip:
+        np.putmask(ids, values == 0, -1)
+    if site.order_by_weight and not (values[:, :-1] >= values[:, 1:]).all():
+        indices = indices.gather(-1, torch.sort(weights, dim=-1, descending=True, stable=True).indices)
+    return indices
 
 
 def _read_one_hot_dispatch(site: RouterSite, args: tuple, kwargs: dict) -> torch.Tensor:

@@ -30,8 +30,7 @@ def score_state(state: Mapping[str, torch.Tensor], statistics: Sequence[Statisti
     num_layers = references.shape[0]
     device = references.device
     model_references = references.sum()
-    if "references/boot" in state:
-        model_references_boot = state["references/boot"].sum(0)
+    model_references_boot = state["references/boot"].sum(0) if "references/boot" in state else None
     # Per reported size c·k: which layers have that many experts and the hit column they read. The same for
     # every cache, so built once per call (a monitor's summary runs ~20 cache statistics through them).
     layer_index = torch.arange(num_layers, device=device)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 
 from . import dispatch
@@ -139,8 +138,6 @@ def count_references(ids: torch.Tensor) -> torch.Tensor:
     Trusted internal of :func:`cache_curve`, :mod:`lrc_kernels.analyze` and the monitor (``check_topk`` has
     written -1 past each sequence's length).
     """
-    if ids.device.type == "cpu":  # numpy, as int_sum: ~12 against ~20 us for the monitor's batch
-        return torch.from_numpy(np.count_nonzero(ids.numpy() >= 0, axis=(1, 2)).astype(np.int64, copy=False))
     return int_sum(ids >= 0, (1, 2))
 
 

@@ -73,8 +73,8 @@ def _experts_args_selection_on_cpu(site: RouterSite, indices: torch.Tensor,
                                    weights: Optional[torch.Tensor]) -> torch.Tensor:
     """:func:`_experts_args_selection` in numpy, in place on the recorder's own copies.
 
-    Inside a training step a torch operation on these few thousand entries costs ~10 us more than the numpy
-    one. Most routers hand over their top-k already in descending weight order, where the stable sort is the
+    Inside a training step each torch operation on these few thousand entries costs more than its numpy
+    counterpart (bench/RESULTS.md, seventh session). Most routers hand over their top-k already in descending weight order, where the stable sort is the
     identity, so the rows are checked first and sorted only if one is out of order.
     """
     indices = indices.to(torch.int64)

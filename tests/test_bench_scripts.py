@@ -44,6 +44,20 @@ def test_bench_monitor_builds_a_wider_model_of_the_same_layout():
     assert "model: 4 layers, 16 experts, top-2, hidden 64," in result.stdout, result.stdout
 
 
+def test_bench_monitor_samples_one_update_in_n_and_groups_the_pairs():
+    command = [sys.executable, str(ROOT / "bench" / "bench_monitor.py"), "--steps", "4", "--log-every", "2",
+               "--warmup", "1", "--batch-size", "2", "--seq-len", "32"]
+    result = subprocess.run(command + ["--every-n-batches", "2"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "; update on one monitored step in 2 (sampling)" in result.stdout, result.stdout
+    assert re.search(r"of which monitor.update  median \d+\.\d+ ms on the 2 sampled steps", result.stdout)
+    assert re.search(r"paired over the 2 groups of 2 adjacent \(plain, monitored\) pairs, .* update / 2 \+ log / "
+                     r"plain step [+-]\d+\.\d+ %", result.stdout), result.stdout
+    assert "goal <= 3 %" not in result.stdout  # the goal is the default monitor's, not a sample's
+    refused = subprocess.run(command + ["--every-n-batches", "3"], capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "--every-n-batches (3) must be in [1, --log-every = 2]" in refused.stderr
+
+
 def test_bench_srp_small_run_agrees_with_the_dense_baseline():
     # The script raises if the dense baseline, the API and the kernel return different integers.
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_srp.py"), "--sizes", "8", "--tokens", "40",

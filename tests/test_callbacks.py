@@ -180,3 +180,57 @@ def test_routing_tap_skips_eval_forwards_and_removes_its_hooks():
 def test_monitor_and_monitor_arguments_are_exclusive():
     with pytest.raises(ValueError, match="either monitor= or RoutingMonitor arguments"):
         LRCCallback(RoutingMonitor(num_experts=4), seg_lens=(2,))
+
+
+def test_sampling_logs_a_monitor_fed_every_nth_training_forward_across_accumulated_micro_batches(tmp_path):
+    # 3 optimizer steps x 2 micro-batches = training forwards 0..5; every_n_batches=2 feeds 0, 2, 4, and
+    # the cumulative log after the last step covers exactly those.
+    callback = LRCCallback(reset_after_log=False, every_n_batches=2, **MONITOR_ARGS)
+    _, trainer, witness, _ = _train(tmp_path, callback, max_steps=3, logging_steps=3, accumulation=2)
+
+    assert len(witness.batches) == 6
+    sampled = witness.batches[0::2]
+    seen = torch.cat([lengths for _, lengths in sampled])
+    assert callback.monitor.compute()["references"].tolist() == [int(seen.sum()) * TOP_K] * NUM_LAYERS
+    expected = witness.monitor_over(sampled, **MONITOR_ARGS).summary()
+    last = [entry for entry in trainer.state.log_history if "loss" in entry][-1]
+    lrc = {key: value for key, value in last.items() if key.startswith("lrc/")}
+    assert set(lrc) == set(expected)
+    assert all(_same(lrc[key], expected[key]) for key in expected)
+    unsampled = witness.monitor_over(witness.batches[1::2], **MONITOR_ARGS).summary()
+    assert any(not _same(lrc[key], unsampled[key]) for key in expected)  # the sample, not the other half
+
+
+def test_routing_tap_sampling_counts_training_forwards_only_and_keeps_its_phase_across_close():
+    model = build_tiny_model("mixtral")
+    ids = torch.randint(3, 64, (2, 16), generator=torch.Generator().manual_seed(2))
+    tap = RoutingTap(model, every_n_batches=3, reset_after_log=False, **MONITOR_ARGS)
+
+    def training_pass(index):  # pass i has 4 + i tokens, so the monitor's reference count names the passes fed
+        model.train()
+        model(input_ids=ids[:, :4 + index])
+
+    tap.open()
+    training_pass(0)                          # fed
+    model.eval()
+    model(input_ids=ids)                      # evaluation: neither fed nor counted
+    training_pass(1)
+    training_pass(2)
+    assert tap.batches_since_log == 1
+    tap.close()
+    tap.open()
+    training_pass(3)                          # fed: the phase runs on across close / open
+    training_pass(4)
+    tap.close()
+    assert tap.batches_since_log == 2
+    per_layer = 2 * (4 + 0 + 4 + 3) * TOP_K   # batch 2, passes 0 and 3
+    assert tap.monitor.compute()["references"].tolist() == [per_layer] * NUM_LAYERS
+
+
+@pytest.mark.parametrize("value, error", [(0, ValueError), (-2, ValueError), (1.5, TypeError), (True, TypeError)])
+def test_every_n_batches_must_be_a_positive_int(value, error):
+    model = build_tiny_model("mixtral")
+    with pytest.raises(error, match="every_n_batches"):
+        RoutingTap(model, every_n_batches=value)
+    with pytest.raises(error, match="every_n_batches"):
+        LRCCallback(every_n_batches=value)

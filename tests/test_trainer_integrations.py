@@ -78,6 +78,15 @@ def test_lightning_trainer_logs_equal_a_monitor_on_the_same_routing(tmp_path):
     assert callback.monitor is not None
 
 
+def test_lightning_callback_checks_every_n_batches_when_built():
+    pytest.importorskip("lightning")
+    from lrc_kernels.hf.lightning_callback import LRCLightningCallback
+
+    with pytest.raises(ValueError, match="every_n_batches: expected an int >= 1, received 0"):
+        LRCLightningCallback(every_n_batches=0)
+    assert LRCLightningCallback(every_n_batches=4)._tap_arguments["every_n_batches"] == 4
+
+
 # ----------------------------------------------------------------------------------------------- TensorBoard
 
 def test_monitor_log_to_a_summary_writer_reads_back_tag_for_tag(tmp_path):

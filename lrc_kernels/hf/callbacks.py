@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from .._checks import check_int
 from .monitor import RoutingMonitor
 from .recorder import RoutingRecorder
 
@@ -33,6 +34,12 @@ class RoutingTap:
     gradient-accumulation micro-batches are all counted. Recording adds no host synchronisation; the
     monitor's update runs its metric kernels on the routing's device.
 
+    ``every_n_batches=n`` samples: only the training passes 0, n, 2n, ... (counted from the tap's creation)
+    reach the monitor, so its metrics describe one batch in n and its update costs 1/n per step. The
+    recorder stays hooked, so every pass still pays its hooks (they copy the attention mask and note each
+    router's inputs; ``capture="logits_topk"`` takes each router's top-k), but a skipped pass is never
+    read or scored. A log window that holds no sampled pass logs nothing.
+
     Args:
         model: the Hugging Face MoE model whose forward passes are recorded (the unwrapped model, not a
             DDP / accelerate wrapper: wrappers call it, so its hooks still fire).
@@ -42,6 +49,8 @@ class RoutingTap:
         capture: the recorder's ``capture`` (``"selected"`` or ``"logits_topk"``).
         reset_after_log: zero the monitor after every :meth:`log_window` (each log shows its own window);
             False accumulates over the whole run.
+        every_n_batches: feed one training forward pass in this many to the monitor (int >= 1; default 1,
+            every pass).
         **monitor_kwargs: arguments of :class:`RoutingMonitor` for the default monitor.
 
     Example:
@@ -55,8 +64,9 @@ class RoutingTap:
 
     def __init__(self, model: nn.Module, monitor: Optional[RoutingMonitor] = None, *,
                  stage: Optional[str] = None, capture: str = "selected", reset_after_log: bool = True,
-                 **monitor_kwargs):
+                 every_n_batches: int = 1, **monitor_kwargs):
         _check_monitor_arguments(monitor, monitor_kwargs)
+        self.every_n_batches = check_int(every_n_batches, "every_n_batches", minimum=1)
         self.model = model
         self.monitor = monitor
         self.stage = stage
@@ -65,6 +75,7 @@ class RoutingTap:
         self._monitor_kwargs = monitor_kwargs
         self._recorder: Optional[RoutingRecorder] = None
         self._hook = None
+        self._training_passes = 0  # sampled or not, since creation: the sampling phase survives close/open
         self.batches_since_log = 0
 
     @property
@@ -94,6 +105,10 @@ class RoutingTap:
 
     def _on_forward(self, module: nn.Module, args, output) -> None:
         if not module.training:
+            return
+        sampled = self._training_passes % self.every_n_batches == 0
+        self._training_passes += 1
+        if not sampled:
             return
         routing = self._recorder.routing()
         if not routing:
@@ -147,7 +162,8 @@ class LRCCallback(TrainerCallback):
             ``monitor_kwargs`` when training starts.
         per_layer: also log one key per layer and metric.
         reset_after_log: each log covers the batches since the previous log (True) or the whole run.
-        stage, capture: as in :class:`RoutingTap`.
+        stage, capture, every_n_batches: as in :class:`RoutingTap` (``every_n_batches=n`` monitors one
+            training forward pass in n, a sample that cuts the monitor's cost per step by n).
         prefix: key prefix.
         **monitor_kwargs: :class:`RoutingMonitor` arguments (``seg_lens``, ``policies``,
             ``cache_sizes_in_k``, ``num_bootstrap``, ...).
@@ -169,8 +185,9 @@ class LRCCallback(TrainerCallback):
 
     def __init__(self, monitor: Optional[RoutingMonitor] = None, *, per_layer: bool = False,
                  reset_after_log: bool = True, stage: Optional[str] = None, capture: str = "selected",
-                 prefix: str = "lrc/", **monitor_kwargs):
+                 every_n_batches: int = 1, prefix: str = "lrc/", **monitor_kwargs):
         _check_monitor_arguments(monitor, monitor_kwargs)
+        self.every_n_batches = check_int(every_n_batches, "every_n_batches", minimum=1)
         self.per_layer = per_layer
         self.reset_after_log = reset_after_log
         self.stage = stage
@@ -198,7 +215,7 @@ class LRCCallback(TrainerCallback):
             raise ValueError("LRCCallback: the Trainer passed no model to on_train_begin")
         self.close()
         self._tap = RoutingTap(model, self._monitor, stage=self.stage, capture=self.capture,
-                               reset_after_log=self.reset_after_log,
+                               reset_after_log=self.reset_after_log, every_n_batches=self.every_n_batches,
                                **({} if self._monitor is not None else self._monitor_kwargs))
         self._tap.open()
         self._monitor = self._tap.monitor

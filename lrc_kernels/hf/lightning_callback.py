@@ -17,6 +17,7 @@ except ImportError:
         raise ImportError("LRCLightningCallback needs the `lightning` package (or `pytorch_lightning`): "
                           "pip install lightning") from error
 
+from .._checks import check_int
 from .callbacks import RoutingTap
 from .monitor import RoutingMonitor
 
@@ -30,7 +31,7 @@ class LRCLightningCallback(Callback):
             itself (only when it *is* the transformers model).
         log_every_n_steps: log (and, with ``reset_after_log``, reset) after every n-th optimizer step;
             default: the Trainer's ``log_every_n_steps``.
-        monitor, per_layer, reset_after_log, stage, capture, prefix, **monitor_kwargs: as in
+        monitor, per_layer, reset_after_log, stage, capture, every_n_batches, prefix, **monitor_kwargs: as in
             :class:`lrc_kernels.hf.LRCCallback`.
 
     Every rank must run the same number of logging steps: the monitor is all-reduced across ranks before
@@ -39,12 +40,14 @@ class LRCLightningCallback(Callback):
 
     def __init__(self, model_attribute: Optional[str] = "model", monitor: Optional[RoutingMonitor] = None, *,
                  log_every_n_steps: Optional[int] = None, per_layer: bool = False, reset_after_log: bool = True,
-                 stage: Optional[str] = None, capture: str = "selected", prefix: str = "lrc/", **monitor_kwargs):
+                 stage: Optional[str] = None, capture: str = "selected", every_n_batches: int = 1,
+                 prefix: str = "lrc/", **monitor_kwargs):
         self.model_attribute = model_attribute
         self.log_every_n_steps = log_every_n_steps
         self.per_layer = per_layer
         self.prefix = prefix
         self._tap_arguments = dict(monitor=monitor, stage=stage, capture=capture, reset_after_log=reset_after_log,
+                                   every_n_batches=check_int(every_n_batches, "every_n_batches", minimum=1),
                                    **monitor_kwargs)
         self.tap: Optional[RoutingTap] = None
         self._last_logged_step = 0

@@ -29,7 +29,9 @@ script also prints a component estimate: (median update + median log / log_every
 
 ``--every-n-batches N`` runs ``update`` on monitored steps 0, N, 2N, ... only, as ``RoutingTap(every_n_batches=N)``
 does; the recorder is entered on every monitored step. Each overhead then compares groups of N adjacent steps
-(their mean step), so each group holds one update, and the update's share is divided by N.
+(their mean step), so each group holds one update, and the update's share is divided by N; the step medians
+and the CPU line's medians stay those of single steps. For an even N the plain/monitored order also
+alternates over the groups' sampled pairs, so the updates do not all run second.
 
 ``--hidden-size H`` builds the shipped model's configuration with hidden and expert sizes H (random weights):
 the same 4 layers, 16 experts and top-2, so the monitor does the same work per step while the step costs
@@ -204,6 +206,9 @@ def main(argv=None) -> None:
     if not 1 <= args.every_n_batches <= args.log_every:
         parser.error(f"--every-n-batches ({args.every_n_batches}) must be in [1, --log-every = {args.log_every}], "
                      f"so that every log window holds an update")
+    if args.steps % args.every_n_batches:
+        parser.error(f"--steps ({args.steps}) must be a multiple of --every-n-batches ({args.every_n_batches}), "
+                     f"so that every step belongs to a group")
     torch.set_num_threads(args.threads)
 
     bench = Bench(args)
@@ -212,8 +217,10 @@ def main(argv=None) -> None:
     bench.update_seconds.clear(), bench.log_seconds.clear()
     bench.monitored_steps = 0
     plain, monitored = [], []
+    every = args.every_n_batches
     for pair in range(args.steps):
-        if pair % 2 == 0:
+        # The order alternates over pairs and, for an even N, also over the groups' sampled pairs (pair g·N).
+        if (pair + (pair // every if every % 2 == 0 else 0)) % 2 == 0:
             plain.append(bench.plain_step())
             monitored.append(bench.monitored_step())
         else:
@@ -227,8 +234,6 @@ def main(argv=None) -> None:
     plain_median, monitored_median = statistics.median(plain), statistics.median(monitored)
     # With sampling, each group of N adjacent pairs holds one update: overheads compare the groups' mean
     # steps (for N = 1, single steps).
-    every = args.every_n_batches
-
     def group_means(values):
         return [sum(values[g:g + every]) / every for g in range(0, len(values) - every + 1, every)]
 

@@ -56,6 +56,9 @@ def test_bench_monitor_samples_one_update_in_n_and_groups_the_pairs():
     assert "goal <= 3 %" not in result.stdout  # the goal is the default monitor's, not a sample's
     refused = subprocess.run(command + ["--every-n-batches", "3"], capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2 and "--every-n-batches (3) must be in [1, --log-every = 2]" in refused.stderr
+    ragged = subprocess.run(command[:2] + ["--steps", "3"] + command[4:] + ["--every-n-batches", "2"],
+                            capture_output=True, text=True, timeout=600)
+    assert ragged.returncode == 2 and "--steps (3) must be a multiple of --every-n-batches (2)" in ragged.stderr
 
 
 def test_bench_srp_small_run_agrees_with_the_dense_baseline():

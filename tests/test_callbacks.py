@@ -215,10 +215,10 @@ def test_routing_tap_sampling_counts_training_forwards_only_and_keeps_its_phase_
     model.eval()
     model(input_ids=ids)                      # evaluation: neither fed nor counted
     training_pass(1)
-    training_pass(2)
     assert tap.batches_since_log == 1
-    tap.close()
+    tap.close()                               # mid-phase: a count restarted by open() would feed pass 2
     tap.open()
+    training_pass(2)
     training_pass(3)                          # fed: the phase runs on across close / open
     training_pass(4)
     tap.close()

@@ -163,7 +163,8 @@ class LRCCallback(TrainerCallback):
         per_layer: also log one key per layer and metric.
         reset_after_log: each log covers the batches since the previous log (True) or the whole run.
         stage, capture, every_n_batches: as in :class:`RoutingTap` (``every_n_batches=n`` monitors one
-            training forward pass in n, a sample that cuts the monitor's cost per step by n).
+            training forward pass in n, a sample that cuts the monitor's cost per step by n; the count
+            restarts at each ``train()``, which builds a new tap).
         prefix: key prefix.
         **monitor_kwargs: :class:`RoutingMonitor` arguments (``seg_lens``, ``policies``,
             ``cache_sizes_in_k``, ``num_bootstrap``, ...).

@@ -32,7 +32,8 @@ class LRCLightningCallback(Callback):
         log_every_n_steps: log (and, with ``reset_after_log``, reset) after every n-th optimizer step;
             default: the Trainer's ``log_every_n_steps``.
         monitor, per_layer, reset_after_log, stage, capture, every_n_batches, prefix, **monitor_kwargs: as in
-            :class:`lrc_kernels.hf.LRCCallback`.
+            :class:`lrc_kernels.hf.LRCCallback` (one tap serves every ``fit``, so the sampling phase carries
+            over).
 
     Every rank must run the same number of logging steps: the monitor is all-reduced across ranks before
     it is scored, so values are global and logged without ``sync_dist``.

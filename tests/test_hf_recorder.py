@@ -27,7 +27,7 @@ from hf_models import CAPACITY_DROP, ENCODER_DECODER, FAMILIES, build_tiny_model
 
 from lrc_kernels import topk_from_logits  # noqa: E402
 from lrc_kernels.hf import RoutingRecorder, find_routers  # noqa: E402
-from lrc_kernels.hf.recorder import _experts_args_selection, _experts_args_selection_with_torch  # noqa: E402
+from lrc_kernels.hf.selection import _experts_args_selection, _experts_args_selection_with_torch  # noqa: E402
 from lrc_kernels.hf.routers import RouterSite  # noqa: E402
 
 BATCH, SEQ, DEC_SEQ = 2, 7, 5

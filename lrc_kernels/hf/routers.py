@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-# How a site's selection is read from the call of its capture module (see ``recorder._SELECTION_READERS``).
+# How a site's selection is read from the call of its capture module (see ``selection.SELECTION_READERS``).
 EXPERTS_ARGS = "experts_args"            # pre-hook: (hidden, indices [N, k], weights [N, k])
 ONE_HOT_DISPATCH = "one_hot_dispatch"    # pre-hook: (hidden, dispatch mask [N, 1, E] after capacity, weights)
 TOP1_MASK_AND_GATES = "top1_mask_and_gates"  # pre-hook: (hidden, top-1 mask [N, E], combine weights [N, E])
